@@ -1,0 +1,36 @@
+"""cilia-agent entry point."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from cilia.agent.daemon import AgentConfig, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="cilia-agent")
+    p.add_argument("--cluster", required=True)
+    p.add_argument("--node", required=True)
+    p.add_argument("--node-ip", required=True)
+    p.add_argument("--pod-cidr", required=True)
+    p.add_argument("--store", default="", help="store URL: sqlite:///path or etcd://host:port")
+    p.add_argument("--routing", choices=["tunnel", "native"], default="tunnel")
+    p.add_argument("--mtu", type=int, default=1500)
+    p.add_argument("--node-id", type=int, default=0)
+    p.add_argument("--socket", default="")
+    p.add_argument("--state-dir", default="")
+    p.add_argument("--pin-dir", default="")
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = AgentConfig(cluster=a.cluster, node=a.node, node_ip=a.node_ip, pod_cidr=a.pod_cidr,
+                      store_url=a.store, routing=a.routing, mtu=a.mtu, socket=a.socket,
+                      state_dir=a.state_dir, pin_dir=a.pin_dir, node_id=a.node_id)
+    return asyncio.run(run(cfg))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

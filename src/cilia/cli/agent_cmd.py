@@ -1,0 +1,260 @@
+"""Node- and cluster-level views in Cilium's shapes: status, endpoint list, bpf … list."""
+from __future__ import annotations
+
+import concurrent.futures
+
+import click
+
+from cilia.api.client import AgentUnreachable, APIError
+from cilia.cli.context import CLIError, agent, agent_get, cluster, emit_json, lab_spec, node_name
+from cilia.k8s.printers import render_columns
+
+LOGO = [
+    "    /¯¯\\",
+    " /¯¯\\__/¯¯\\",
+    " \\__/¯¯\\__/",
+    " /¯¯\\__/¯¯\\",
+    " \\__/¯¯\\__/",
+    "    \\__/",
+]
+
+node_option = click.option("--node", default=None, help="Lab node (default: the first node).")
+output_option = click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+
+
+def _all_status(spec) -> dict[str, dict | str]:
+    """Every agent's /v1/status in parallel; an unreachable agent maps to its error."""
+    def one(node: str):
+        try:
+            return agent(spec, node, timeout=5).get("/v1/status")
+        except (AgentUnreachable, APIError, OSError) as e:
+            return str(e)
+
+    names = [n.name for n in spec.nodes]
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(names))) as ex:
+        return dict(zip(names, ex.map(one, names)))
+
+
+def _all_endpoints(spec) -> dict[str, list]:
+    def one(node: str):
+        try:
+            return agent(spec, node, timeout=5).get("/v1/endpoint")
+        except (AgentUnreachable, APIError, OSError):
+            return []
+
+    names = [n.name for n in spec.nodes]
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(names))) as ex:
+        return dict(zip(names, ex.map(one, names)))
+
+
+def cluster_status(ctx) -> dict:
+    spec, cl = cluster(ctx)
+    try:
+        pods = [p for p in cl.list("Pod") if not p["metadata"].get("deletionTimestamp")]
+        store_rev = cl.store.revision()
+        store_ok, store_err = True, None
+    except Exception as e:  # the store being down is a status to report, not a crash
+        pods, store_rev, store_ok, store_err = [], None, False, str(e)
+    finally:
+        cl.close()
+    statuses = _all_status(spec)
+    eps = _all_endpoints(spec)
+    managed_ips = {a["ipv4"] for lst in eps.values() for e in lst
+                   for a in e["status"]["networking"]["addressing"]}
+    with_ip = [p for p in pods if (p.get("status") or {}).get("podIP")]
+    managed = [p for p in with_ip if p["status"]["podIP"] in managed_ips]
+    errors, warnings = [], []
+    for n, st in statuses.items():
+        if isinstance(st, str):
+            errors.append(f"cilia-agent on {n}: {st}")
+        elif not st.get("store", {}).get("ok", True):
+            warnings.append(f"cilia-agent on {n}: store unreachable: {st['store'].get('error')}")
+    if not store_ok:
+        errors.append(f"store: {store_err}")
+    for p in with_ip:
+        if p not in managed:
+            warnings.append(f"pod {p['metadata']['namespace']}/{p['metadata']['name']} "
+                            f"({p['status']['podIP']}) has no cilia endpoint")
+    ready = sum(1 for s in statuses.values() if isinstance(s, dict))
+    return {
+        "lab": spec.name,
+        "routing": spec.routing,
+        "store": {"backend": "sqlite" if spec.store == "local" else "etcd", "ok": store_ok,
+                  "revision": store_rev, "error": store_err},
+        "cilia": {"desired": len(spec.nodes), "ready": ready, "available": ready},
+        "operator": "disabled",
+        "hubble_relay": "disabled",
+        "cluster_mesh": "disabled",
+        "pods": {"total": len(with_ip), "managed": len(managed)},
+        "nodes": {n: (s if isinstance(s, dict) else {"error": s}) for n, s in statuses.items()},
+        "errors": errors,
+        "warnings": warnings,
+    }
+
+
+def render_cluster_status(st: dict) -> str:
+    c = st["cilia"]
+    cilia_state = "OK" if c["ready"] == c["desired"] and not st["errors"] else "error"
+    store = st["store"]
+    comps = [
+        ("Cilia", cilia_state),
+        ("Operator", st["operator"]),
+        ("Store", f"{'OK' if store['ok'] else 'unreachable'} ({store['backend']})"),
+        ("Hubble Relay", st["hubble_relay"]),
+        ("ClusterMesh", st["cluster_mesh"]),
+    ]
+    lines = []
+    for i, art in enumerate(LOGO):
+        row = art.ljust(15)
+        if 1 <= i <= len(comps):
+            k, v = comps[i - 1]
+            row += f"{k + ':':<20}{v}"
+        lines.append(row.rstrip())
+    lines.append("")
+    lines.append(f"{'DaemonSet':<23}{'cilia-agent':<19}Desired: {c['desired']}, "
+                 f"Ready: {c['ready']}/{c['desired']}, Available: {c['available']}/{c['desired']}")
+    lines.append(f"{'Containers:':<23}{'cilia-agent':<19}Running: {c['ready']}")
+    lines.append(f"{'Cluster Pods:':<23}{st['pods']['managed']}/{st['pods']['total']} managed by Cilia")
+    lines.append(f"{'Lab:':<23}{st['lab']} ({len(st['nodes'])} nodes, {st['routing']} routing, "
+                 f"{store['backend']} store)")
+    if st["errors"] or st["warnings"]:
+        lines.append(f"{'Errors:':<23}" + (st["errors"][0] if st["errors"] else "none"))
+        lines += [" " * 23 + e for e in st["errors"][1:]]
+        lines.append(f"{'Warnings:':<23}" + (st["warnings"][0] if st["warnings"] else "none"))
+        lines += [" " * 23 + w for w in st["warnings"][1:]]
+    return "\n".join(lines)
+
+
+def render_node_status(st: dict) -> str:
+    ipam = st["ipam"]
+    store = st.get("store") or {}
+    kv = "Disabled" if store.get("backend") == "disabled" else (
+        f"Ok   {store.get('backend')} (revision {store.get('revision')})" if store.get("ok")
+        else f"Failure   {store.get('backend')}: {store.get('error')}")
+    rows = [
+        ("KVStore", kv),
+        ("Kubernetes", "Disabled (lab store)"),
+        ("Host firewall", "Disabled"),
+        ("CNI Chaining", "none"),
+        ("Cilia", f"Ok   {st['version']} (node {st['node']}, uptime {st['uptime_seconds']}s)"),
+        ("NodeMonitor", "Disabled"),
+        ("IPAM", f"IPv4: {ipam['allocated']}/{ipam['capacity']} allocated from {ipam['pod_cidr']}, "
+                 f"router {ipam['router_ip']}"),
+    ]
+    lines = [f"{k + ':':<25}{v}" for k, v in rows]
+    if ipam["addresses"]:
+        lines.append("Allocated addresses:")
+        for ip, owner in sorted(ipam["addresses"].items()):
+            lines.append(f"  {ip} ({owner})")
+    restore = st.get("restore") or {}
+    rows = [
+        ("Routing", f"Network: {'Tunnel [vxlan]' if st['routing'] == 'tunnel' else 'Native'}   "
+                    f"Host: BPF (redirect_peer)"),
+        ("Device MTU", f"{st['mtu']}"),
+        ("Masquerading", "Disabled"),
+        ("Endpoints", f"{st['endpoints']} (regenerations: {st['regenerations']}, "
+                      f"last: {st['last_regeneration_ms']} ms)"),
+        ("Restored endpoints", f"{restore.get('restored', 0)} (removed {restore.get('removed', 0)}, "
+                               f"stale map entries {restore.get('stale_map_entries', 0)})"),
+        ("Datapath", f"{', '.join(st['datapath']['programs'])}; maps pinned at "
+                     f"{st['datapath']['pin_dir']}"),
+        ("Encryption", "Disabled"),
+    ]
+    lines += [f"{k + ':':<25}{v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+@click.command("status")
+@click.option("--verbose", is_flag=True, help="One node's agent in detail (cilium-dbg status).")
+@node_option
+@output_option
+@click.pass_context
+def status(ctx, verbose: bool, node: str | None, output: str) -> None:
+    if verbose or node:
+        spec = lab_spec(ctx)
+        st = agent_get(spec, node_name(spec, node), "/v1/status")
+        emit_json(st) if output == "json" else click.echo(render_node_status(st))
+        return
+    st = cluster_status(ctx)
+    emit_json(st) if output == "json" else click.echo(render_cluster_status(st))
+    if st["errors"]:
+        ctx.exit(1)
+
+
+@click.group("endpoint", help="Endpoints managed by a node's agent.")
+def endpoint() -> None:
+    pass
+
+
+@endpoint.command("list")
+@node_option
+@output_option
+@click.pass_context
+def endpoint_list(ctx, node: str | None, output: str) -> None:
+    spec = lab_spec(ctx)
+    eps = agent_get(spec, node_name(spec, node), "/v1/endpoint")
+    if output == "json":
+        emit_json(eps)
+        return
+    rows = [["ENDPOINT", "POLICY (ingress)", "POLICY (egress)", "IDENTITY",
+             "LABELS (source:key[=value])", "IPv6", "IPv4", "STATUS"],
+            ["", "ENFORCEMENT", "ENFORCEMENT", "", "", "", "", ""]]
+    for e in eps:
+        s = e["status"]
+        labels = s["identity"]["labels"] or ["reserved:init"]
+        ip4 = s["networking"]["addressing"][0].get("ipv4", "")
+        rows.append([str(e["id"]), "Disabled", "Disabled", str(s["identity"]["id"]), labels[0],
+                     "", ip4, s["state"]])
+        for lab in labels[1:]:
+            rows.append(["", "", "", "", lab, "", "", ""])
+    click.echo(render_columns(rows), nl=False)
+
+
+@click.group("bpf", help="Inspect a node's BPF maps.")
+def bpf() -> None:
+    pass
+
+
+@bpf.group("endpoint")
+def bpf_endpoint() -> None:
+    pass
+
+
+@bpf_endpoint.command("list")
+@node_option
+@output_option
+@click.pass_context
+def bpf_endpoint_list(ctx, node: str | None, output: str) -> None:
+    spec = lab_spec(ctx)
+    entries = agent_get(spec, node_name(spec, node), "/v1/bpf/endpoint")
+    if output == "json":
+        emit_json(entries)
+        return
+    rows = [["IP ADDRESS", "LOCAL ENDPOINT INFO"]]
+    for e in sorted(entries, key=lambda e: tuple(int(x) for x in e["ip4"].split("."))):
+        rows.append([f"{e['ip4']}:0",
+                     f"id={e['ep_id']:<5} sec_id={e['sec_id']:<6} flags=0x{e['flags']:04x} "
+                     f"ifindex={e['ifindex']:<4} mac={e['mac'].upper()} "
+                     f"nodemac={e['node_mac'].upper()}"])
+    click.echo(render_columns(rows), nl=False)
+
+
+@bpf.group("metrics")
+def bpf_metrics() -> None:
+    pass
+
+
+@bpf_metrics.command("list")
+@node_option
+@output_option
+@click.pass_context
+def bpf_metrics_list(ctx, node: str | None, output: str) -> None:
+    spec = lab_spec(ctx)
+    ms = agent_get(spec, node_name(spec, node), "/v1/bpf/metrics")
+    if output == "json":
+        emit_json(ms)
+        return
+    rows = [["REASON", "DIRECTION", "PACKETS", "BYTES"]]
+    for m in sorted(ms, key=lambda m: (m["reason"], m["direction"])):
+        rows.append([m["reason_name"], m["direction"], str(m["packets"]), str(m["bytes"])])
+    click.echo(render_columns(rows), nl=False)
