@@ -1,0 +1,116 @@
+// SPDX-License-Identifier: GPL-2.0
+/* Pod veth programs. One object is loaded per node and attached to every lxc device;
+ * the endpoint a packet belongs to is found through maps keyed by ifindex and address,
+ * so adding an endpoint is a map write, never a recompile or reload. */
+#include "common.h"
+#include "config.h"
+#include "maps.h"
+#include "metrics.h"
+#include "eth.h"
+#include "ipv4.h"
+
+static __always_inline int handle_arp(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct arp_eth_ip4 *arp = data + sizeof(*eth);
+	struct endpoint_info *ep;
+	__u32 ifindex = skb->ifindex;
+
+	if (!PKT_HAS(data, data_end, sizeof(*eth), sizeof(*arp)))
+		return send_drop(skb, DROP_INVALID, METRIC_EGRESS);
+
+	/* Replies and gratuitous announcements (sip == tip) need no answer from us. */
+	if (!arp_is_eth_ip4_request(arp) || arp->ar_sip == arp->ar_tip) {
+		update_metrics(skb->len, METRIC_EGRESS, 0);
+		return TC_ACT_OK;
+	}
+
+	/* Without its endpoint we do not know which MAC to answer with. */
+	ep = bpf_map_lookup_elem(&cilia_lxc_if, &ifindex);
+	if (!ep) {
+		update_metrics(skb->len, METRIC_EGRESS, 0);
+		return TC_ACT_OK;
+	}
+
+	arp_make_reply(eth, arp, ep->node_mac);
+	update_metrics(skb->len, METRIC_EGRESS, 0);
+	return bpf_redirect(ifindex, 0);
+}
+
+static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + sizeof(*eth);
+	struct endpoint_info *src, *dst;
+	struct endpoint_key key = {};
+	__u32 ifindex = skb->ifindex;
+
+	if (!PKT_HAS(data, data_end, sizeof(*eth), sizeof(*ip)))
+		return send_drop(skb, DROP_INVALID, METRIC_EGRESS);
+	if (ip->version != 4 || ip->ihl < 5)
+		return send_drop(skb, DROP_INVALID, METRIC_EGRESS);
+	/* Options announced by IHL must be present too, or the header is truncated. */
+	if ((void *)ip + ip->ihl * 4 > data_end)
+		return send_drop(skb, DROP_INVALID, METRIC_EGRESS);
+
+	src = bpf_map_lookup_elem(&cilia_lxc_if, &ifindex);
+	if (src && ip->saddr != src->ip4)
+		return send_drop(skb, DROP_INVALID_SIP, METRIC_EGRESS);
+
+	/* Traffic for the node itself always goes up the stack, even if an endpoint entry
+	 * for that address exists without EP_F_HOST. */
+	if (ip->daddr == CONFIG.node_ip4)
+		goto to_stack;
+
+	key.ip4 = ip->daddr;
+	dst = bpf_map_lookup_elem(&cilia_lxc, &key);
+	if (!dst || (dst->flags & EP_F_HOST))
+		goto to_stack;
+
+	if (ip->ttl <= 1)
+		return send_drop(skb, DROP_TTL_EXCEEDED, METRIC_EGRESS);
+	ipv4_dec_ttl(ip);
+	mac_copy(eth->h_source, dst->node_mac);
+	mac_copy(eth->h_dest, dst->mac);
+
+	update_metrics(skb->len, METRIC_EGRESS, 0);
+	/* Straight into the destination pod's netns, skipping the node's stack. */
+	return bpf_redirect_peer(dst->ifindex, 0);
+
+to_stack:
+	update_metrics(skb->len, METRIC_EGRESS, 0);
+	return TC_ACT_OK;
+}
+
+SEC("tc")
+int cil_from_container(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if (!PKT_HAS(data, data_end, 0, sizeof(*eth)))
+		return send_drop(skb, DROP_INVALID, METRIC_EGRESS);
+
+	switch (eth->h_proto) {
+	case bpf_htons(ETH_P_ARP):
+		return handle_arp(skb);
+	case bpf_htons(ETH_P_IP):
+		return handle_ipv4_from_lxc(skb);
+	default:
+		return send_drop(skb, DROP_UNKNOWN_L3, METRIC_EGRESS);
+	}
+}
+
+SEC("tc")
+int cil_to_container(struct __sk_buff *skb)
+{
+	update_metrics(skb->len, METRIC_INGRESS, 0);
+	return TC_ACT_OK;
+}
+
+char __license[] SEC("license") = "GPL";

@@ -1,0 +1,32 @@
+/* Per-CPU packet/byte counters keyed like Cilium's metrics map (reason, direction). */
+#ifndef CILIA_METRICS_H
+#define CILIA_METRICS_H
+
+#include "common.h"
+#include "maps.h"
+
+static __always_inline void update_metrics(__u64 bytes, __u8 dir, __u8 reason)
+{
+	struct metrics_key key = { .reason = reason, .dir = dir };
+	struct metrics_value *val;
+
+	val = bpf_map_lookup_elem(&cilia_metrics, &key);
+	if (val) {
+		/* Per-CPU value: no other CPU writes it, a plain add is race free. */
+		val->count += 1;
+		val->bytes += bytes;
+	} else {
+		struct metrics_value init = { .count = 1, .bytes = bytes };
+
+		bpf_map_update_elem(&cilia_metrics, &key, &init, BPF_ANY);
+	}
+}
+
+/* Counts the drop with Cilium's positive reason number and returns the tc verdict. */
+static __always_inline int send_drop(struct __sk_buff *skb, int reason, __u8 dir)
+{
+	update_metrics(skb->len, dir, (__u8)(-reason));
+	return TC_ACT_SHOT;
+}
+
+#endif

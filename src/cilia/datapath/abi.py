@@ -1,0 +1,122 @@
+"""ctypes mirrors of bpf/include/abi.h, checked against the BTF of the compiled objects.
+
+The mirrors are written by hand for readability; :func:`check_against_btf` is the guard
+that makes drift a test failure instead of silently corrupt map entries.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import subprocess
+from ctypes import Structure, c_uint8, c_uint16, c_uint32, c_uint64
+
+EP_F_HOST = 0x1
+METRIC_INGRESS = 1
+METRIC_EGRESS = 2
+
+
+class cilia_config(Structure):
+    _fields_ = [
+        ("node_ip4", c_uint32),
+        ("router_ip4", c_uint32),
+        ("pod_cidr4", c_uint32),
+        ("pod_cidr4_mask", c_uint32),
+        ("node_id", c_uint32),
+        ("flags", c_uint32),
+    ]
+
+
+class endpoint_key(Structure):
+    _fields_ = [("ip4", c_uint32)]
+
+
+class endpoint_info(Structure):
+    _fields_ = [
+        ("ifindex", c_uint32),
+        ("ip4", c_uint32),
+        ("ep_id", c_uint16),
+        ("flags", c_uint16),
+        ("sec_id", c_uint32),
+        ("mac", c_uint8 * 6),
+        ("node_mac", c_uint8 * 6),
+    ]
+
+
+class metrics_key(Structure):
+    _fields_ = [("reason", c_uint8), ("dir", c_uint8), ("reserved", c_uint16 * 3)]
+
+
+class metrics_value(Structure):
+    _fields_ = [("count", c_uint64), ("bytes", c_uint64)]
+
+
+MIRRORS: tuple[type[Structure], ...] = (cilia_config, endpoint_key, endpoint_info, metrics_key, metrics_value)
+
+
+# ---------------------------------------------------------------------------
+# BTF comparison (via `bpftool -j btf dump file`, an independent BTF reader).
+
+_SIZED_KINDS = {"INT", "STRUCT", "UNION", "ENUM", "ENUM64", "FLOAT", "DATASEC"}
+_ALIAS_KINDS = {"TYPEDEF", "CONST", "VOLATILE", "RESTRICT", "TYPE_TAG"}
+
+
+def _btf_types(obj_path: str) -> dict[int, dict]:
+    out = subprocess.run(
+        ["bpftool", "-j", "btf", "dump", "file", obj_path], check=True, capture_output=True, text=True
+    ).stdout
+    return {t["id"]: t for t in json.loads(out)["types"]}
+
+
+def _btf_size(types: dict[int, dict], type_id: int) -> int:
+    t = types[type_id]
+    kind = t["kind"]
+    if kind in _SIZED_KINDS:
+        return t["size"]
+    if kind in _ALIAS_KINDS:
+        return _btf_size(types, t["type_id"])
+    if kind == "ARRAY":
+        return t["nr_elems"] * _btf_size(types, t["type_id"])
+    if kind == "PTR":
+        return 8
+    raise ValueError(f"cannot size BTF kind {kind}")
+
+
+def _ctypes_member_size(ctype) -> int:
+    return ctypes.sizeof(ctype)
+
+
+def check_against_btf(obj_path: str, mirrors=MIRRORS) -> list[str]:
+    """Differences between the ctypes ``mirrors`` and the structs of the same name in
+    ``obj_path``'s BTF; empty when they agree."""
+    types = _btf_types(obj_path)
+    structs = {t["name"]: t for t in types.values() if t["kind"] == "STRUCT" and t.get("name")}
+    problems: list[str] = []
+    for mirror in mirrors:
+        name = mirror.__name__
+        bt = structs.get(name)
+        if bt is None:
+            problems.append(f"{name}: not in BTF of {obj_path}")
+            continue
+        if bt["size"] != ctypes.sizeof(mirror):
+            problems.append(f"{name}: size {ctypes.sizeof(mirror)} in Python, {bt['size']} in BTF")
+        py_members = [(f[0], getattr(mirror, f[0]).offset, _ctypes_member_size(f[1])) for f in mirror._fields_]
+        btf_members = []
+        for m in bt["members"]:
+            if m.get("bitfield_size"):
+                problems.append(f"{name}.{m['name']}: bitfields are not supported in the ABI")
+            btf_members.append((m["name"], m["bits_offset"] // 8, _btf_size(types, m["type_id"])))
+        if [m[0] for m in py_members] != [m[0] for m in btf_members]:
+            problems.append(
+                f"{name}: members {[m[0] for m in py_members]} in Python, {[m[0] for m in btf_members]} in BTF"
+            )
+        btf_by_name = {m[0]: m for m in btf_members}
+        for pn, po, ps in py_members:
+            if pn not in btf_by_name:
+                continue  # already reported in the member list
+            _, bo, bs = btf_by_name[pn]
+            if po != bo:
+                problems.append(f"{name}.{pn}: offset {po} in Python, {bo} in BTF")
+            if ps != bs:
+                problems.append(f"{name}.{pn}: size {ps} in Python, {bs} in BTF")
+    return problems
