@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from cilia.k8s.deployments import expand_deployment, pod_template_hash
 from cilia.k8s.registry import KINDS, resolve_resource
-from cilia.kvstore.api import SyncStore
+from cilia.kvstore import MAX_TXN_OPS, SyncStore
 from cilia.objects import Conflict, decode, encode, key, prefix
 
 
@@ -217,8 +217,10 @@ class Cluster:
 
     def apply(self, objs: list[dict]) -> list[Change]:
         writes, changes = self.plan_apply(objs, self.ready_nodes() or self._all_nodes())
-        if writes:
-            self.store.txn_put_many(writes)
+        # Everything was validated above; chunking only matters if the store itself fails
+        # mid-way (etcd caps a transaction at 128 operations).
+        for i in range(0, len(writes), MAX_TXN_OPS):
+            self.store.txn_put_many(writes[i:i + MAX_TXN_OPS])
         return changes
 
     def _all_nodes(self) -> list[str]:

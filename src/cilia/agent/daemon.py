@@ -82,7 +82,7 @@ class Agent:
     async def start(self) -> None:
         await self.blocking(self._init_datapath)
         if self.cfg.store_url:
-            from cilia.kvstore.api import open_store
+            from cilia.kvstore import open_store
             try:
                 self.store = open_store(self.cfg.store_url)
             except Exception as e:  # the datapath must come up even without the store

@@ -207,6 +207,9 @@ def exec_(ctx, namespace, container, stdin, tty, pod, command) -> None:
     ns_name = spec.pod_netns(namespace, pod)
     if not netns.exists(ns_name):
         raise CLIError(f"pod {namespace}/{pod}: network namespace {ns_name} is gone")
+    command = tuple(command[1:]) if command and command[0] == "--" else tuple(command)
+    if not command:
+        raise CLIError("a command is required after --")
     argv = netns.nsenter_argv(ns_name, list(command))
     sys.stdout.flush()
     os.execvp(argv[0], argv)

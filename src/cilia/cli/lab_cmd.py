@@ -81,6 +81,9 @@ def exec_(ctx: click.Context, target: str, command: tuple[str, ...]) -> None:
     names.update(world=spec.world_netns, fabric=spec.fabric_netns)
     if target not in names:
         raise CLIError(f"no lab host {target!r} (hosts: {', '.join(names)})")
+    command = tuple(command[1:]) if command and command[0] == "--" else tuple(command)
+    if not command:
+        raise CLIError("a command is required after --")
     argv = netns.nsenter_argv(names[target], list(command))
     sys.stdout.flush()
     os.execvp(argv[0], argv)

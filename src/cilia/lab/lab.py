@@ -89,7 +89,7 @@ def _setup_node(spec: LabSpec, node: NodeSpec) -> None:
 
 
 def _seed_store(spec: LabSpec) -> None:
-    from cilia.kvstore.api import SyncStore
+    from cilia.kvstore import SyncStore
     from cilia.objects import encode, key
     store = SyncStore(state.store_url(spec.name))
     try:

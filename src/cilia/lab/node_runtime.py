@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from cilia import netns, paths
 from cilia.agent.supervisor import Supervisor
 from cilia.api.client import AgentClient
-from cilia.kvstore.api import open_store
+from cilia.kvstore import open_store
 from cilia.lab import state
 from cilia.lab.topology import LabSpec, NodeSpec
 from cilia.lab.workloads import workload_for
@@ -186,7 +186,7 @@ class NodeRuntime:
                                 "lastTransitionTime": now_rfc3339()}],
                 "nodeInfo": {"kernelVersion": uname.release, "osImage": "cilia lab",
                              "containerRuntimeVersion": "cilia-lab://0.1",
-                             "kubeletVersion": "cilia-lab-0.1", "architecture": uname.machine,
+                             "kubeletVersion": "v1.30.0-cilia", "architecture": uname.machine,
                              "operatingSystem": "linux"},
             },
         }
@@ -270,7 +270,10 @@ class NodeRuntime:
                                                                 md["name"]),
                      restart_policy=spec.get("restartPolicy", "Always"))
         for c in spec.get("containers", []):
-            argv = workload_for(c, pod=run.name, namespace=run.namespace, node=self.node.name)
+            argv = workload_for(c, pod_name=run.name, namespace=run.namespace,
+                                node=self.node.name)
+            if not argv:
+                raise RuntimeError(f"container {c['name']}: no command and no image")
             ports = [p["containerPort"] for p in c.get("ports", [])
                      if p.get("protocol", "TCP") == "TCP"]
             run.containers.append(ContainerRun(name=c["name"], argv=argv, tcp_ports=ports))
