@@ -73,7 +73,7 @@ def test_tcp_udp_icmp_between_pods(lab):
     ip_a = lab.pod_ip("echo-a")
     r = lab.exec("echo-a", "sh", "-c", f"printf 'hello-tcp\\n' | nc -q1 -w3 {ip_b} 8080")
     assert r.out.strip() == "hello-tcp"
-    r = lab.exec("echo-b", "sh", "-c", f"printf 'hello-udp\\n' | nc -u -q1 -w2 {ip_a} 8080")
+    r = lab.exec("echo-b", "sh", "-c", f"printf 'hello-udp\\n' | nc -u -w1 {ip_a} 8080")
     assert r.out.strip() == "hello-udp"
     lab.exec("echo-a", "ping", "-c", "2", "-i", "0.2", "-W", "2", ip_b)
     body = json.loads(lab.exec("echo-a", "curl", "-s", "-m", "5", f"http://{ip_b}:8080/").out)

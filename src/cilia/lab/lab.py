@@ -119,6 +119,20 @@ def _agent_ok(spec: LabSpec, node: NodeSpec) -> bool:
         return False
 
 
+def _wait_nodes_registered(spec: LabSpec, deadline: float) -> None:
+    """Node objects Ready in the store: only then can `apply` schedule onto them."""
+    from cilia.cluster import Cluster
+    cl = Cluster(state.store_url(spec.name))
+    try:
+        want = {n.name for n in spec.nodes}
+        while not want <= set(cl.ready_nodes()):
+            if time.monotonic() > deadline:
+                raise LabError(f"nodes not registered Ready: {sorted(want - set(cl.ready_nodes()))}")
+            time.sleep(0.05)
+    finally:
+        cl.close()
+
+
 def _log_tail(path: str, lines: int = 15) -> str:
     try:
         with open(path, errors="replace") as f:
@@ -165,6 +179,7 @@ def up(name: str, nodes: int = 2, routing: str = "tunnel", store: str = "local",
                 raise LabError(f"agent on {n.name} not ready after {timeout:.0f}s; "
                                f"agent.log:\n{tail}")
             time.sleep(0.1)
+        _wait_nodes_registered(spec, deadline)
         say(f"agents ready on {', '.join(n.name for n in spec.nodes)}")
         state.save_spec(spec, "running")
     except BaseException:
