@@ -407,6 +407,7 @@ class NodeRuntime:
         self.load()
         for run in self.pods.values():
             run.ready = False
+        self.save()
 
 
 async def main_async(lab: str, node: str) -> int:
