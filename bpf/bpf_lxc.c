@@ -8,6 +8,9 @@
 #include "metrics.h"
 #include "eth.h"
 #include "ipv4.h"
+#include "endpoint.h"
+#include "ipcache.h"
+#include "tunnel.h"
 
 static __always_inline int handle_arp(struct __sk_buff *skb)
 {
@@ -39,6 +42,29 @@ static __always_inline int handle_arp(struct __sk_buff *skb)
 	return bpf_redirect(ifindex, 0);
 }
 
+/* A pod on another node, in tunnel mode: encapsulate with the sender's identity as VNI
+ * and hand the packet to the VXLAN device. Anything else goes to the stack, which
+ * routes it (native mode: kernel routes to peer pod CIDRs; world and host traffic). */
+static __always_inline int encap_or_stack(struct __sk_buff *skb, __u32 daddr,
+					  const struct endpoint_info *src)
+{
+	struct ipcache_value *info;
+
+	if (CONFIG.routing != ROUTING_TUNNEL || !CONFIG.tunnel_ifindex)
+		goto to_stack;
+	info = ipcache_lookup4(daddr);
+	if (!info || !info->tunnel_endpoint)
+		goto to_stack;
+	if (tunnel_set_key(skb, info->tunnel_endpoint, src ? src->sec_id : IDENTITY_UNMANAGED) < 0)
+		return send_drop(skb, DROP_WRITE_ERROR, METRIC_EGRESS);
+	update_metrics(skb->len, METRIC_EGRESS, 0);
+	return bpf_redirect(CONFIG.tunnel_ifindex, 0);
+
+to_stack:
+	update_metrics(skb->len, METRIC_EGRESS, 0);
+	return TC_ACT_OK;
+}
+
 static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
@@ -68,18 +94,13 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb)
 
 	key.ip4 = ip->daddr;
 	dst = bpf_map_lookup_elem(&cilia_lxc, &key);
-	if (!dst || (dst->flags & EP_F_HOST))
+	if (dst && (dst->flags & EP_F_HOST))
 		goto to_stack;
+	if (!dst)
+		return encap_or_stack(skb, ip->daddr, src);
 
-	if (ip->ttl <= 1)
-		return send_drop(skb, DROP_TTL_EXCEEDED, METRIC_EGRESS);
-	ipv4_dec_ttl(ip);
-	mac_copy(eth->h_source, dst->node_mac);
-	mac_copy(eth->h_dest, dst->mac);
-
-	update_metrics(skb->len, METRIC_EGRESS, 0);
 	/* Straight into the destination pod's netns, skipping the node's stack. */
-	return bpf_redirect_peer(dst->ifindex, 0);
+	return deliver_to_pod(skb, dst, METRIC_EGRESS);
 
 to_stack:
 	update_metrics(skb->len, METRIC_EGRESS, 0);

@@ -143,7 +143,8 @@ def test_attach_replace_detach_and_remove_pins(names, pin_dir):
         if dp2 is not None:
             dp2.close()
 
-    assert sorted(os.listdir(pin_dir)) == ["cilia_lxc", "cilia_lxc_if", "cilia_metrics"]
+    assert sorted(os.listdir(pin_dir)) == ["cilia_ipcache", "cilia_lxc", "cilia_lxc_if", "cilia_metrics",
+                                           "cilia_snat_v4", "cilia_snat_v4_rev"]
     NodeDatapath.remove_pins(pin_dir)
     assert not os.path.exists(pin_dir)
 

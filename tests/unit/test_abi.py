@@ -17,13 +17,48 @@ OBJECTS = sorted((ROOT / "build").glob("*.o"))
 pytestmark = pytest.mark.skipif(shutil.which("bpftool") is None, reason="bpftool reads the BTF")
 
 
+DATAPATH_OBJECTS = ("bpf_lxc.o", "bpf_overlay.o", "bpf_host.o")
+# Which mirrored structs each object must carry (a struct an object stops using would
+# silently escape the check otherwise).
+USES = {
+    "bpf_lxc.o": {"cilia_config", "endpoint_key", "endpoint_info", "metrics_key", "metrics_value",
+                  "ipcache_key", "ipcache_value"},
+    "bpf_overlay.o": {"cilia_config", "endpoint_key", "endpoint_info", "metrics_key", "metrics_value",
+                      "ipcache_key", "ipcache_value"},
+    "bpf_host.o": {m.__name__ for m in abi.MIRRORS},
+}
+
+
 def test_objects_are_built():
-    assert (ROOT / "build" / "bpf_lxc.o").exists(), "run `make bpf`"
+    for name in DATAPATH_OBJECTS:
+        assert (ROOT / "build" / name).exists(), f"{name}: run `make bpf`"
 
 
-@pytest.mark.parametrize("obj", [p for p in OBJECTS if p.name == "bpf_lxc.o"], ids=lambda p: p.name)
-def test_mirrors_match_btf(obj):
-    assert abi.check_against_btf(str(obj)) == []
+@pytest.mark.parametrize("name", DATAPATH_OBJECTS)
+def test_mirrors_match_btf(name):
+    mirrors = tuple(m for m in abi.MIRRORS if m.__name__ in USES[name])
+    assert abi.check_against_btf(str(ROOT / "build" / name), mirrors) == []
+
+
+def test_every_mirror_is_checked_against_some_object():
+    assert abi.check_objects_against_btf([ROOT / "build" / n for n in DATAPATH_OBJECTS]) == []
+    assert set().union(*USES.values()) == {m.__name__ for m in abi.MIRRORS}
+
+
+def test_multi_object_check_reports_unused_mirror_and_drift():
+    class ipcache_value(ctypes.Structure):  # flags as u32: size and offsets drift
+        _fields_ = [("sec_identity", ctypes.c_uint32), ("tunnel_endpoint", ctypes.c_uint32),
+                    ("flags", ctypes.c_uint32)]
+
+    class unused_struct(ctypes.Structure):
+        _fields_ = [("x", ctypes.c_uint32)]
+
+    problems = abi.check_objects_against_btf([ROOT / "build" / n for n in DATAPATH_OBJECTS],
+                                             mirrors=(ipcache_value, unused_struct))
+    assert "unused_struct: not in BTF of any object" in problems
+    assert "ipcache_value.flags: size 4 in Python, 1 in BTF" in problems
+    assert "ipcache_value: members ['sec_identity', 'tunnel_endpoint', 'flags'] in Python, " \
+           "['sec_identity', 'tunnel_endpoint', 'flags', 'pad'] in BTF" in problems
 
 
 def test_sizes_match_static_asserts_in_header():
@@ -67,21 +102,17 @@ def test_checker_catches_a_wrong_mirror():
 def test_checker_catches_offset_drift():
     class cilia_config(ctypes.Structure):  # packed with a u16: every later member shifts
         _pack_ = 1
-        _fields_ = [
-            ("node_ip4", ctypes.c_uint32),
-            ("router_ip4", ctypes.c_uint16),
-            ("pod_cidr4", ctypes.c_uint32),
-            ("pod_cidr4_mask", ctypes.c_uint32),
-            ("node_id", ctypes.c_uint32),
-            ("flags", ctypes.c_uint32),
-        ]
+        _fields_ = [(n, t) if n != "router_ip4" else (n, ctypes.c_uint16) for n, t in abi.cilia_config._fields_]
 
     problems = abi.check_against_btf(str(ROOT / "build" / "bpf_lxc.o"), mirrors=(cilia_config,))
-    assert problems == [
-        "cilia_config: size 22 in Python, 24 in BTF",
+    assert problems[:4] == [
+        "cilia_config: size 46 in Python, 48 in BTF",
         "cilia_config.router_ip4: size 2 in Python, 4 in BTF",
         "cilia_config.pod_cidr4: offset 6 in Python, 8 in BTF",
         "cilia_config.pod_cidr4_mask: offset 10 in Python, 12 in BTF",
-        "cilia_config.node_id: offset 14 in Python, 16 in BTF",
-        "cilia_config.flags: offset 18 in Python, 20 in BTF",
     ]
+    # Every member after router_ip4 is reported two bytes early.
+    shifted = [p for p in problems[2:]]
+    assert len(shifted) == len(abi.cilia_config._fields_) - 2
+    assert all("offset" in p for p in shifted)
+    assert problems[-1] == "cilia_config.pad: offset 44 in Python, 46 in BTF"

@@ -15,6 +15,20 @@ EP_F_HOST = 0x1
 METRIC_INGRESS = 1
 METRIC_EGRESS = 2
 
+ROUTING_NATIVE = 0
+ROUTING_TUNNEL = 1
+
+# Reserved identities (Cilium's numbers).
+IDENTITY_HOST = 1
+IDENTITY_WORLD = 2
+IDENTITY_UNMANAGED = 3
+IDENTITY_REMOTE_NODE = 6
+
+IPCACHE_F_REMOTE_NODE = 0x1
+
+NAT_DIR_EGRESS = 1
+NAT_DIR_INGRESS = 2
+
 
 class cilia_config(Structure):
     _fields_ = [
@@ -24,6 +38,15 @@ class cilia_config(Structure):
         ("pod_cidr4_mask", c_uint32),
         ("node_id", c_uint32),
         ("flags", c_uint32),
+        ("tunnel_ifindex", c_uint32),
+        ("native_ifindex", c_uint32),
+        ("cluster_cidr4", c_uint32),
+        ("cluster_cidr4_mask", c_uint32),
+        ("routing", c_uint8),
+        ("masquerade", c_uint8),
+        ("nat_port_min", c_uint16),
+        ("nat_port_max", c_uint16),
+        ("pad", c_uint16),
     ]
 
 
@@ -51,7 +74,45 @@ class metrics_value(Structure):
     _fields_ = [("count", c_uint64), ("bytes", c_uint64)]
 
 
-MIRRORS: tuple[type[Structure], ...] = (cilia_config, endpoint_key, endpoint_info, metrics_key, metrics_value)
+class ipcache_key(Structure):
+    _fields_ = [("prefixlen", c_uint32), ("ip4", c_uint32)]
+
+
+class ipcache_value(Structure):
+    _fields_ = [
+        ("sec_identity", c_uint32),
+        ("tunnel_endpoint", c_uint32),
+        ("flags", c_uint8),
+        ("pad", c_uint8 * 3),
+    ]
+
+
+class nat_key4(Structure):
+    _fields_ = [
+        ("saddr", c_uint32),
+        ("daddr", c_uint32),
+        ("sport", c_uint16),
+        ("dport", c_uint16),
+        ("nexthdr", c_uint8),
+        ("dir", c_uint8),
+        ("pad", c_uint8 * 2),
+    ]
+
+
+class nat_entry4(Structure):
+    _fields_ = [
+        ("to_addr", c_uint32),
+        ("to_port", c_uint16),
+        ("pad", c_uint16),
+        ("created", c_uint32),
+        ("last_seen", c_uint32),
+    ]
+
+
+MIRRORS: tuple[type[Structure], ...] = (
+    cilia_config, endpoint_key, endpoint_info, metrics_key, metrics_value,
+    ipcache_key, ipcache_value, nat_key4, nat_entry4,
+)
 
 
 # ---------------------------------------------------------------------------
@@ -86,9 +147,22 @@ def _ctypes_member_size(ctype) -> int:
     return ctypes.sizeof(ctype)
 
 
-def check_against_btf(obj_path: str, mirrors=MIRRORS) -> list[str]:
+def check_objects_against_btf(obj_paths, mirrors=MIRRORS) -> list[str]:
+    """Like :func:`check_against_btf` over several objects: each mirror is compared
+    with every object that uses the struct, and must be used by at least one."""
+    problems: list[str] = []
+    seen: set[str] = set()
+    for path in obj_paths:
+        problems += check_against_btf(str(path), mirrors, missing_ok=True, seen=seen)
+    problems += [f"{m.__name__}: not in BTF of any object" for m in mirrors if m.__name__ not in seen]
+    return problems
+
+
+def check_against_btf(obj_path: str, mirrors=MIRRORS, missing_ok: bool = False,
+                      seen: set[str] | None = None) -> list[str]:
     """Differences between the ctypes ``mirrors`` and the structs of the same name in
-    ``obj_path``'s BTF; empty when they agree."""
+    ``obj_path``'s BTF; empty when they agree. With ``missing_ok`` a struct the object
+    does not use is no problem; ``seen`` collects the names that were compared."""
     types = _btf_types(obj_path)
     structs = {t["name"]: t for t in types.values() if t["kind"] == "STRUCT" and t.get("name")}
     problems: list[str] = []
@@ -96,8 +170,11 @@ def check_against_btf(obj_path: str, mirrors=MIRRORS) -> list[str]:
         name = mirror.__name__
         bt = structs.get(name)
         if bt is None:
-            problems.append(f"{name}: not in BTF of {obj_path}")
+            if not missing_ok:
+                problems.append(f"{name}: not in BTF of {obj_path}")
             continue
+        if seen is not None:
+            seen.add(name)
         if bt["size"] != ctypes.sizeof(mirror):
             problems.append(f"{name}: size {ctypes.sizeof(mirror)} in Python, {bt['size']} in BTF")
         py_members = [(f[0], getattr(mirror, f[0]).offset, _ctypes_member_size(f[1])) for f in mirror._fields_]

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,20 +17,48 @@ from .loader import BpfObject
 from .reasons import reason_name
 
 LXC_OBJECT = "bpf_lxc.o"
+OVERLAY_OBJECT = "bpf_overlay.o"
+HOST_OBJECT = "bpf_host.o"
 PROG_FROM_CONTAINER = "cil_from_container"
 PROG_TO_CONTAINER = "cil_to_container"
+PROG_FROM_OVERLAY = "cil_from_overlay"
+PROG_TO_OVERLAY = "cil_to_overlay"
+PROG_FROM_NETDEV = "cil_from_netdev"
+PROG_TO_NETDEV = "cil_to_netdev"
 MAP_LXC = "cilia_lxc"
 MAP_LXC_IF = "cilia_lxc_if"
 MAP_METRICS = "cilia_metrics"
+MAP_IPCACHE = "cilia_ipcache"
+MAP_SNAT = "cilia_snat_v4"
+MAP_SNAT_REV = "cilia_snat_v4_rev"
 BPFFS = "/sys/fs/bpf"
 PIN_BASE = "/sys/fs/bpf/cilia"
+
+ROUTING_MODES = {"native": abi.ROUTING_NATIVE, "tunnel": abi.ROUTING_TUNNEL}
+NAT_PORT_MIN, NAT_PORT_MAX = 32768, 60999  # Cilium's masquerade range (above NodePorts)
 
 _MAP_TYPES = {
     MAP_LXC: (abi.endpoint_key, abi.endpoint_info),
     MAP_LXC_IF: (ctypes.c_uint32, abi.endpoint_info),
     MAP_METRICS: (abi.metrics_key, abi.metrics_value),
+    MAP_IPCACHE: (abi.ipcache_key, abi.ipcache_value),
+    MAP_SNAT: (abi.nat_key4, abi.nat_entry4),
+    MAP_SNAT_REV: (abi.nat_key4, abi.nat_entry4),
 }
+# Every object is loaded with the same pin root, so a map pinned by the first is reused
+# by the others: they all see one set of maps.
+_OBJECTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    LXC_OBJECT: ((PROG_FROM_CONTAINER, PROG_TO_CONTAINER),
+                 (MAP_LXC, MAP_LXC_IF, MAP_METRICS, MAP_IPCACHE)),
+    OVERLAY_OBJECT: ((PROG_FROM_OVERLAY, PROG_TO_OVERLAY),
+                     (MAP_LXC, MAP_LXC_IF, MAP_METRICS, MAP_IPCACHE)),
+    HOST_OBJECT: ((PROG_FROM_NETDEV, PROG_TO_NETDEV),
+                  (MAP_LXC, MAP_LXC_IF, MAP_METRICS, MAP_IPCACHE, MAP_SNAT, MAP_SNAT_REV)),
+}
+_PROG_OBJECT = {p: o for o, (progs, _) in _OBJECTS.items() for p in progs}
+_MAP_OBJECT = {m: o for o, (_, maps) in reversed(list(_OBJECTS.items())) for m in maps}
 _DIRECTION_NAMES = {abi.METRIC_INGRESS: "INGRESS", abi.METRIC_EGRESS: "EGRESS"}
+_PROTO_NAMES = {socket.IPPROTO_TCP: "TCP", socket.IPPROTO_UDP: "UDP", socket.IPPROTO_ICMP: "ICMP"}
 
 
 # -- address encoding (maps hold IPv4 in network byte order, MACs as 6 bytes) --------
@@ -54,6 +83,14 @@ def bytes_to_mac(b) -> str:
     return ":".join(f"{x:02x}" for x in bytes(b))
 
 
+def port_to_be16(port: int) -> int:
+    return struct.unpack("=H", struct.pack("!H", port))[0]
+
+
+def be16_to_port(value: int) -> int:
+    return struct.unpack("!H", struct.pack("=H", value))[0]
+
+
 @dataclass
 class NodeConfig:
     node_ip4: str
@@ -61,9 +98,21 @@ class NodeConfig:
     pod_cidr4: str
     node_id: int = 0
     flags: int = 0
+    routing: str = "native"           # "native" | "tunnel"
+    tunnel_ifindex: int = 0           # cilia_vxlan in the node netns; 0 = none
+    native_ifindex: int = 0           # the uplink (eth0); 0 = none
+    cluster_cidr4: str = "10.244.0.0/16"
+    masquerade: bool = False
+    nat_port_min: int = NAT_PORT_MIN
+    nat_port_max: int = NAT_PORT_MAX
 
     def to_abi(self) -> abi.cilia_config:
+        if self.routing not in ROUTING_MODES:
+            raise ValueError(f"routing must be one of {sorted(ROUTING_MODES)}, not {self.routing!r}")
+        if not 1 <= self.nat_port_min <= self.nat_port_max <= 65535:
+            raise ValueError(f"bad NAT port range {self.nat_port_min}-{self.nat_port_max}")
         net = ipaddress.IPv4Network(self.pod_cidr4, strict=False)
+        cluster = ipaddress.IPv4Network(self.cluster_cidr4, strict=False)
         return abi.cilia_config(
             node_ip4=ip4_to_be32(self.node_ip4),
             router_ip4=ip4_to_be32(self.router_ip4),
@@ -71,7 +120,40 @@ class NodeConfig:
             pod_cidr4_mask=ip4_to_be32(str(net.netmask)),
             node_id=self.node_id,
             flags=self.flags,
+            tunnel_ifindex=self.tunnel_ifindex,
+            native_ifindex=self.native_ifindex,
+            cluster_cidr4=ip4_to_be32(str(cluster.network_address)),
+            cluster_cidr4_mask=ip4_to_be32(str(cluster.netmask)),
+            routing=ROUTING_MODES[self.routing],
+            masquerade=1 if self.masquerade else 0,
+            nat_port_min=self.nat_port_min,
+            nat_port_max=self.nat_port_max,
         )
+
+
+@dataclass(frozen=True)
+class IpcacheEntry:
+    prefix: str                       # normalized, e.g. "10.244.2.7/32"
+    identity: int
+    tunnel_endpoint: str | None = None
+    flags: int = 0                    # abi.IPCACHE_F_*
+
+
+def _ipcache_key(prefix: str) -> tuple[str, abi.ipcache_key]:
+    net = ipaddress.IPv4Network(prefix, strict=False)
+    return str(net), abi.ipcache_key(prefixlen=net.prefixlen, ip4=ip4_to_be32(str(net.network_address)))
+
+
+def _ipcache_value(identity: int, tunnel_endpoint: str | None, flags: int) -> abi.ipcache_value:
+    if not 0 <= identity < 1 << 32:
+        raise ValueError(f"identity {identity} out of range")
+    return abi.ipcache_value(sec_identity=identity,
+                             tunnel_endpoint=ip4_to_be32(tunnel_endpoint) if tunnel_endpoint else 0,
+                             flags=flags)
+
+
+def _ipcache_tuple(v: abi.ipcache_value) -> tuple[int, str | None, int]:
+    return (v.sec_identity, be32_to_ip4(v.tunnel_endpoint) if v.tunnel_endpoint else None, v.flags)
 
 
 @dataclass
@@ -115,33 +197,42 @@ def find_object(name: str, obj_dir: str | None = None) -> str:
 
 
 class NodeDatapath:
+    """The node's three BPF objects (pod veths, VXLAN device, uplink) sharing one set of
+    pinned maps under ``pin_dir``."""
+
     def __init__(self, pin_dir: str, config: NodeConfig, obj_dir: str | None = None):
         self.pin_dir = pin_dir
         self.config = config
         self.obj_dir = obj_dir
-        self._obj: BpfObject | None = None
+        self._objs: dict[str, BpfObject] = {}
 
     # -- lifecycle ---------------------------------------------------------
     def load(self) -> "NodeDatapath":
-        """Load bpf_lxc.o with this node's CONFIG. Maps already pinned under pin_dir are
-        reused with their contents (the datapath keeps forwarding across agent restarts)
-        or, if their layout changed, refused with PinnedMapMismatch."""
-        path = find_object(LXC_OBJECT, self.obj_dir)
+        """Load bpf_lxc.o, bpf_overlay.o and bpf_host.o with this node's CONFIG. Maps
+        already pinned under pin_dir are reused with their contents (the datapath keeps
+        forwarding across agent restarts) or, if their layout changed, refused with
+        PinnedMapMismatch. Nothing is attached here: attach_* decide where programs run."""
+        paths = {name: find_object(name, self.obj_dir) for name in _OBJECTS}
         os.makedirs(self.pin_dir, exist_ok=True)
-        obj = BpfObject.open(path, pin_root=self.pin_dir, rodata=self.config.to_abi(), map_types=_MAP_TYPES)
+        rodata = self.config.to_abi()
+        objs: dict[str, BpfObject] = {}
         try:
-            obj.load()
+            for name, path in paths.items():
+                map_types = {m: _MAP_TYPES[m] for m in _OBJECTS[name][1]}
+                objs[name] = BpfObject.open(path, pin_root=self.pin_dir, rodata=rodata, map_types=map_types)
+                objs[name].load()
         except BaseException:
-            obj.close()
+            for o in objs.values():
+                o.close()
             raise
-        self._obj = obj
+        self._objs = objs
         return self
 
     def close(self) -> None:
         """Drop our handles. Attached programs and pinned maps stay in the kernel."""
-        if self._obj is not None:
-            self._obj.close()
-            self._obj = None
+        objs, self._objs = self._objs, {}
+        for o in objs.values():
+            o.close()
 
     def __enter__(self) -> "NodeDatapath":
         return self
@@ -149,20 +240,32 @@ class NodeDatapath:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _object(self, name: str) -> BpfObject:
+        if not self._objs:
+            raise RuntimeError("NodeDatapath not loaded")
+        return self._objs[name]
+
     @property
     def obj(self) -> BpfObject:
-        if self._obj is None:
-            raise RuntimeError("NodeDatapath not loaded")
-        return self._obj
+        """The pod object (bpf_lxc.o)."""
+        return self._object(LXC_OBJECT)
+
+    @property
+    def objects(self) -> dict[str, BpfObject]:
+        return dict(self._objs)
 
     def program_fd(self, name: str) -> int:
-        return self.obj.program_fd(name)
+        try:
+            owner = _PROG_OBJECT[name]
+        except KeyError:
+            raise KeyError(f"no program {name!r} in cilia's objects") from None
+        return self._object(owner).program_fd(name)
 
     def _map(self, name: str):
         kt, vt = _MAP_TYPES[name]
-        return self.obj.map(name, kt, vt)
+        return self._object(_MAP_OBJECT[name]).map(name, kt, vt)
 
-    # -- attachment --------------------------------------------------------
+    # -- attachment (acts in the calling thread's netns) -------------------
     def attach_endpoint(self, ifindex: int) -> None:
         tc.tc_attach(ifindex, self.program_fd(PROG_FROM_CONTAINER), "ingress")
         tc.tc_attach(ifindex, self.program_fd(PROG_TO_CONTAINER), "egress")
@@ -171,6 +274,88 @@ class NodeDatapath:
         # A deleted pod netns takes the veth with it; nothing left to detach is fine.
         tc.tc_detach(ifindex, "ingress")
         tc.tc_detach(ifindex, "egress")
+
+    def attach_overlay(self, ifindex: int) -> None:
+        """cilia_vxlan (external/collect_md): decapsulated delivery in, encapsulation out."""
+        tc.tc_attach(ifindex, self.program_fd(PROG_FROM_OVERLAY), "ingress")
+        tc.tc_attach(ifindex, self.program_fd(PROG_TO_OVERLAY), "egress")
+
+    def detach_overlay(self, ifindex: int) -> None:
+        tc.tc_detach(ifindex, "ingress")
+        tc.tc_detach(ifindex, "egress")
+
+    def attach_netdev(self, ifindex: int) -> None:
+        """The uplink: reverse SNAT and pod delivery in, masquerade out."""
+        tc.tc_attach(ifindex, self.program_fd(PROG_FROM_NETDEV), "ingress")
+        tc.tc_attach(ifindex, self.program_fd(PROG_TO_NETDEV), "egress")
+
+    def detach_netdev(self, ifindex: int) -> None:
+        tc.tc_detach(ifindex, "ingress")
+        tc.tc_detach(ifindex, "egress")
+
+    # -- ipcache -----------------------------------------------------------
+    def upsert_ipcache(self, prefix: str, identity: int, tunnel_endpoint: str | None = None,
+                       flags: int = 0) -> None:
+        """prefix "a.b.c.d" (a /32) or "a.b.c.d/n"; host bits are masked off."""
+        _, key = _ipcache_key(prefix)
+        self._map(MAP_IPCACHE).update(key, _ipcache_value(identity, tunnel_endpoint, flags))
+
+    def delete_ipcache(self, prefix: str) -> bool:
+        _, key = _ipcache_key(prefix)
+        return self._map(MAP_IPCACHE).delete(key)
+
+    def _ipcache_state(self) -> dict[str, tuple[int, str | None, int]]:
+        out = {}
+        for k, v in self._map(MAP_IPCACHE).lookup_batch():
+            out[f"{be32_to_ip4(k.ip4)}/{k.prefixlen}"] = _ipcache_tuple(v)
+        return out
+
+    def ipcache(self) -> list[IpcacheEntry]:
+        entries = [IpcacheEntry(p, *t) for p, t in self._ipcache_state().items()]
+        nets = {e.prefix: ipaddress.IPv4Network(e.prefix) for e in entries}
+        return sorted(entries, key=lambda e: (nets[e.prefix].network_address, nets[e.prefix].prefixlen))
+
+    def sync_ipcache(self, desired: dict[str, tuple[int, str | None, int]]) -> tuple[int, int]:
+        """Make the map equal ``desired`` {prefix: (identity, tunnel_endpoint, flags)}.
+        Changed and new entries are written first, stale ones deleted after, both in
+        batches: a prefix that stays desired is never missing, not even briefly.
+        Returns (upserts, deletes)."""
+        want: dict[str, tuple[abi.ipcache_key, tuple[int, str | None, int]]] = {}
+        for prefix, (identity, tep, flags) in desired.items():
+            norm, key = _ipcache_key(prefix)
+            want[norm] = (key, (identity, tep or None, flags))
+        have = self._ipcache_state()
+        m = self._map(MAP_IPCACHE)
+        upserts = [(key, _ipcache_value(*val)) for p, (key, val) in want.items() if have.get(p) != val]
+        deletes = [_ipcache_key(p)[1] for p in have if p not in want]
+        m.update_batch(upserts)
+        m.delete_batch(deletes)
+        return len(upserts), len(deletes)
+
+    # -- NAT ---------------------------------------------------------------
+    def nat_entries(self) -> list[dict]:
+        """Both directions of the SNAT table, decoded like `cilium bpf nat list`:
+        OUT entries translate the source (XLATE_SRC), IN entries the destination."""
+        now = int(time.clock_gettime(time.CLOCK_MONOTONIC))  # bpf_ktime_get_ns()'s clock
+        out = []
+        for name, direction, xlate in ((MAP_SNAT, "OUT", "XLATE_SRC"), (MAP_SNAT_REV, "IN", "XLATE_DST")):
+            for k, v in self._map(name).lookup_batch():
+                out.append({
+                    "direction": direction,
+                    "protocol": _PROTO_NAMES.get(k.nexthdr, str(k.nexthdr)),
+                    "saddr": be32_to_ip4(k.saddr),
+                    "sport": be16_to_port(k.sport),
+                    "daddr": be32_to_ip4(k.daddr),
+                    "dport": be16_to_port(k.dport),
+                    "xlate": xlate,
+                    "to_addr": be32_to_ip4(v.to_addr),
+                    "to_port": be16_to_port(v.to_port),
+                    "created": v.created,
+                    "last_seen": v.last_seen,
+                    "idle_seconds": max(0, now - v.last_seen),
+                })
+        return sorted(out, key=lambda e: (e["direction"] != "OUT", e["protocol"], e["saddr"], e["sport"],
+                                          e["daddr"], e["dport"]))
 
     # -- endpoints ---------------------------------------------------------
     def upsert_endpoint(self, ep: EndpointEntry) -> None:
