@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -99,11 +100,48 @@ class Runner:
     def __init__(self, dp: NodeDatapath, ns: TestNetns):
         self.dp, self.ns = dp, ns
 
-    def __call__(self, prog: str, frame: bytes, ifindex: int = 0) -> testrun.TestRunResult:
-        ctx = testrun.skb_ctx(ifindex=ifindex) if ifindex else None
+    def __call__(self, prog: str, frame: bytes, ifindex: int = 0, cb: tuple[int, ...] | None = None
+                 ) -> testrun.TestRunResult:
+        ctx = testrun.skb_ctx(ifindex=ifindex, cb=cb or ()) if ifindex or cb is not None else None
         return self.ns.ex.run(testrun.prog_test_run, self.dp.program_fd(prog), frame, ctx=ctx)
 
 
 @pytest.fixture
 def run(dp, netns):
     return Runner(dp, netns)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def test_build_dir(tmp_path_factory) -> str:
+    """The datapath objects compiled with -DCILIA_TEST_TUNNEL: tunnel keys are mirrored
+    in skb->cb, the only per-packet state BPF_PROG_TEST_RUN lets a test set and read."""
+    out = tmp_path_factory.mktemp("bpf-test-build")
+    arch_inc = f"/usr/include/{os.uname().machine}-linux-gnu"
+    for src in sorted((ROOT / "bpf").glob("*.c")):
+        subprocess.run(["clang", "-O2", "-g", "-target", "bpf", "-mcpu=v3", "-Wall", "-Werror",
+                        "-DCILIA_TEST_TUNNEL", f"-I{ROOT / 'bpf' / 'include'}", f"-I{arch_inc}",
+                        "-c", str(src), "-o", str(out / (src.stem + ".o"))], check=True)
+    return str(out)
+
+
+@pytest.fixture
+def mkdp():
+    """Factory: a loaded NodeDatapath with its own test pins, closed and unpinned after."""
+    made: list[tuple[NodeDatapath, str]] = []
+
+    def make(config: NodeConfig, obj_dir: str | None = None) -> NodeDatapath:
+        pins = f"/sys/fs/bpf/cilia/test-{secrets.token_hex(4)}"
+        made.append((None, pins))
+        d = NodeDatapath(pins, config, obj_dir=obj_dir).load()
+        made[-1] = (d, pins)
+        return d
+
+    yield make
+    for d, pins in made:
+        if d is not None:
+            d.close()
+        NodeDatapath.remove_pins(pins)
+        assert not os.path.exists(pins)

@@ -74,3 +74,67 @@ def parse_eth(frame: bytes) -> tuple[bytes, bytes, int]:
 def parse_arp(frame: bytes) -> dict:
     hrd, pro, hln, pln, op, sha, sip, tha, tip = struct.unpack("!HHBBH6s4s6s4s", frame[14:42])
     return dict(hrd=hrd, pro=pro, hln=hln, pln=pln, op=op, sha=sha, sip=sip, tha=tha, tip=tip)
+
+
+# --- L4 with real checksums (for NAT fixtures) -----------------------------------
+
+IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP = 1, 6, 17
+
+
+def _pseudo(src: str, dst: str, proto: int, length: int) -> bytes:
+    return ip(src) + ip(dst) + struct.pack("!BBH", 0, proto, length)
+
+
+def tcp(src: str, dst: str, sport: int, dport: int, payload: bytes = b"", flags: int = 0x18,
+        seq: int = 1000) -> bytes:
+    hdr = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, flags, 65535, 0, 0)
+    seg = hdr + payload
+    c = csum16(_pseudo(src, dst, IPPROTO_TCP, len(seg)) + seg)
+    return seg[:16] + struct.pack("!H", c) + seg[18:]
+
+
+def udp_csum(src: str, dst: str, sport: int, dport: int, payload: bytes = b"") -> bytes:
+    dgram = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    c = csum16(_pseudo(src, dst, IPPROTO_UDP, len(dgram)) + dgram) or 0xFFFF
+    return dgram[:6] + struct.pack("!H", c) + dgram[8:]
+
+
+def icmp_echo(ident: int, seq: int = 1, reply: bool = False, payload: bytes = b"ping cilia") -> bytes:
+    msg = struct.pack("!BBHHH", 0 if reply else 8, 0, 0, ident, seq) + payload
+    return msg[:2] + struct.pack("!H", csum16(msg)) + msg[4:]
+
+
+def frame4(src: str, dst: str, proto: int, l4: bytes, eth_dst: str = "02:00:00:00:00:01",
+           eth_src: str = "02:00:00:00:00:02", **kw) -> bytes:
+    return eth(eth_dst, eth_src, ETH_P_IP) + ipv4(src, dst, l4, proto=proto, **kw)
+
+
+def parse4(frame: bytes) -> dict:
+    """Fields of an Ethernet/IPv4 frame plus TCP/UDP ports or the ICMP echo id."""
+    ihl = (frame[14] & 0xF) * 4
+    iph = frame[14:14 + ihl]
+    proto = iph[9]
+    l4 = frame[14 + ihl:]
+    out = dict(src=socket.inet_ntoa(iph[12:16]), dst=socket.inet_ntoa(iph[16:20]), proto=proto,
+               ttl=iph[8], ip_header=iph, l4=l4)
+    if proto in (IPPROTO_TCP, IPPROTO_UDP):
+        out["sport"], out["dport"] = struct.unpack("!HH", l4[:4])
+    elif proto == IPPROTO_ICMP:
+        out["icmp_type"], out["icmp_id"] = l4[0], struct.unpack("!H", l4[4:6])[0]
+    return out
+
+
+def ip_csum_ok(frame: bytes) -> bool:
+    ihl = (frame[14] & 0xF) * 4
+    return csum16(frame[14:14 + ihl]) == 0
+
+
+def l4_csum_ok(frame: bytes) -> bool:
+    """Full recomputation over the pseudo header (TCP/UDP) or the message (ICMP)."""
+    p = parse4(frame)
+    l4 = p["l4"]
+    if p["proto"] == IPPROTO_ICMP:
+        return csum16(l4) == 0
+    if p["proto"] == IPPROTO_UDP and l4[6:8] == b"\0\0":
+        return True  # no checksum
+    return csum16(_pseudo(p["src"], p["dst"], p["proto"], len(l4)) + l4) == 0

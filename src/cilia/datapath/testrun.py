@@ -17,6 +17,7 @@ SKB_INGRESS_IFINDEX_OFF = 36
 SKB_IFINDEX_OFF = 40
 SKB_CB_OFF = 48
 SKB_CTX_LEN = 68  # up to and including cb[5]
+CTX_OUT_MAX = 512  # > sizeof(struct __sk_buff) (192 on 6.x)
 
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
@@ -29,14 +30,22 @@ class TestRunResult:
     retval: int
     data_out: bytes
     duration_ns: int
+    ctx_out: bytes = b""
+
+    @property
+    def cb(self) -> tuple[int, ...]:
+        """skb->cb[0..4] as the program left them (needs a ctx on input)."""
+        return struct.unpack_from("=5I", self.ctx_out, SKB_CB_OFF) if len(self.ctx_out) >= SKB_CTX_LEN else ()
 
 
-def skb_ctx(ifindex: int = 0, mark: int = 0, priority: int = 0) -> bytes:
+def skb_ctx(ifindex: int = 0, mark: int = 0, priority: int = 0, cb: tuple[int, ...] = ()) -> bytes:
     """A ``struct __sk_buff`` prefix for ``ctx`` with the fields test-run honours."""
     buf = bytearray(SKB_CTX_LEN)
     struct.pack_into("=I", buf, SKB_MARK_OFF, mark)
     struct.pack_into("=I", buf, SKB_PRIORITY_OFF, priority)
     struct.pack_into("=I", buf, SKB_IFINDEX_OFF, ifindex)
+    cb = tuple(cb) + (0,) * (5 - len(cb))
+    struct.pack_into("=5I", buf, SKB_CB_OFF, *cb)
     return bytes(buf)
 
 
@@ -53,9 +62,16 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ctx: bytes | None 
         data_size_out=out_len,
         repeat=repeat,
     )
+    ctx_out = None
     if ctx is not None:
         ctx_in = ctypes.create_string_buffer(bytes(ctx), len(ctx))
         opts.ctx_in = ctypes.cast(ctx_in, ctypes.c_void_p)
         opts.ctx_size_in = len(ctx)
+        # The kernel returns the whole struct __sk_buff and fails with ENOSPC if it
+        # does not fit, even when ctx_in was a prefix.
+        ctx_out = ctypes.create_string_buffer(CTX_OUT_MAX)
+        opts.ctx_out = ctypes.cast(ctx_out, ctypes.c_void_p)
+        opts.ctx_size_out = CTX_OUT_MAX
     lb.prog_test_run(prog_fd, opts)
-    return TestRunResult(opts.retval, data_out.raw[: opts.data_size_out], opts.duration)
+    return TestRunResult(opts.retval, data_out.raw[: opts.data_size_out], opts.duration,
+                         ctx_out.raw[: opts.ctx_size_out] if ctx_out is not None else b"")
