@@ -1,0 +1,100 @@
+"""Render bench/results/*.json as Markdown: `python -m bench.report` prints it;
+`python -m bench.report --write docs/benchmarks.md` replaces the part of that file between
+the `<!-- bench:results:begin -->` and `<!-- bench:results:end -->` markers."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from bench import podstart, samenode
+from bench.common import RESULTS_DIR, fmt, table
+
+BEGIN, END = "<!-- bench:results:begin -->", "<!-- bench:results:end -->"
+
+
+def load(name: str) -> dict | None:
+    try:
+        with open(os.path.join(RESULTS_DIR, f"{name}.json")) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def _load(res: dict) -> str:
+    b, a = res.get("loadavg_before"), res.get("loadavg_after")
+    return f"load average {b[0]:.2f} before, {a[0]:.2f} after" if b and a else ""
+
+
+def render() -> str:
+    out: list[str] = []
+    results = {n: load(n) for n in ("podstart", "samenode")}
+    any_res = next((r for r in results.values() if r), None)
+    if any_res is None:
+        return "(no results in bench/results/; run `make bench`)\n"
+    m = any_res["machine"]
+    out += ["### Machine", "",
+            table(["", ""], [["CPUs (nproc)", m["nproc"]], ["CPU model", m["cpu_model"]],
+                             ["kernel", m["kernel"]], ["memory", m["memory"]],
+                             ["Python", m["python"]], ["sockperf", m["sockperf"]],
+                             ["iperf3", m["iperf3"]], ["cilia commit", m["git_commit"]],
+                             ["date (UTC)", m["date"]]], left=2), ""]
+    ps = results["podstart"]
+    if ps:
+        out += [f"### Pod start ({ps['pods']} pods, {ps['nodes']}-node lab, {ps['routing']} "
+                "routing)", "",
+                f"Command: `{ps['command']}` — {ps['wall_s']:.0f} s, {_load(ps)}.", "",
+                podstart.render(ps), "",
+                "Per burst repetition (apply → Ready of 100 pods in one manifest):", ""]
+        rows = [[i + 1, fmt(b["first_ip_s"], 2), fmt(b["last_ip_s"], 2),
+                 fmt(b["first_ready_s"], 2), fmt(b["total_s"], 2),
+                 fmt(b["apply_to_ready_ms"]["p50"], 0), fmt(b["apply_to_ready_ms"]["p99"], 0),
+                 fmt(b["pods_per_s"], 1), fmt(b["delete_all_s"], 2), fmt(b["poll_period_ms"], 0)]
+                for i, b in enumerate(ps["burst"])]
+        out += [table(["rep", "first podIP s", "last podIP s", "first Ready s", "last Ready s",
+                       "p50 ms", "p99 ms", "pods/s", "delete all s", "poll period ms"], rows),
+                ""]
+    sn = results["samenode"]
+    if sn:
+        out += [f"### Same-node pod-to-pod: cilia vs plain routing (MTU "
+                f"{sn['cilia']['pod_mtu']} both, {sn['routing']} routing lab)", "",
+                f"Command: `{sn['command']}` — {sn['wall_s']:.0f} s, {_load(sn)}.", "",
+                samenode.render(sn), "",
+                "Every repetition (TCP/UDP: p50 RTT µs; stream: Gbit/s):", ""]
+        rows = []
+        for t, key in samenode.PRIMARY.items():
+            for path in samenode.PATHS:
+                vals = [s[key] for s in sn["samples"][t][path]]
+                rows.append([t, path, " ".join(fmt(v, 2 if key == "gbit_s" else 1)
+                                                for v in vals)])
+        out += [table(["test", "path", "per repetition"], rows, left=3), ""]
+        tc = sn["cilia"]["host_veth_tc"]
+        progs = sorted({p.split(":")[0] for v in tc.values() for d in v.values() for p in d})
+        out += [f"cilia pods' host veths carried BPF programs {', '.join(f'`{p}`' for p in progs)} (tc names, truncated) during the run; "
+                "the baseline veths carried none.", ""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__)
+    ap.add_argument("--write", metavar="FILE", help="update FILE between the markers")
+    args = ap.parse_args(argv)
+    text = render()
+    if not args.write:
+        print(text)
+        return 0
+    with open(args.write) as f:
+        doc = f.read()
+    if BEGIN not in doc or END not in doc:
+        print(f"{args.write}: markers {BEGIN} / {END} not found", file=sys.stderr)
+        return 1
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    with open(args.write, "w") as f:
+        f.write(head + BEGIN + "\n" + text + "\n" + END + tail)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
