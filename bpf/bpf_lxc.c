@@ -55,7 +55,7 @@ static __always_inline int encap_or_stack(struct __sk_buff *skb, __u32 daddr,
 	info = ipcache_lookup4(daddr);
 	if (!info || !info->tunnel_endpoint)
 		goto to_stack;
-	if (tunnel_set_key(skb, info->tunnel_endpoint, src ? src->sec_id : IDENTITY_UNMANAGED) < 0)
+	if (tunnel_set_key(skb, info->tunnel_endpoint, src ? EP_IDENTITY(src) : IDENTITY_UNMANAGED) < 0)
 		return send_drop(skb, DROP_WRITE_ERROR, METRIC_EGRESS);
 	update_metrics(skb->len, METRIC_EGRESS, 0);
 	return bpf_redirect(CONFIG.tunnel_ifindex, 0);

@@ -84,7 +84,7 @@ int cil_to_overlay(struct __sk_buff *skb)
 	 * not the host's: policy on the far side must see who really sent it. */
 	key.ip4 = ip->saddr;
 	src = bpf_map_lookup_elem(&cilia_lxc, &key);
-	identity = (src && !(src->flags & EP_F_HOST)) ? src->sec_id : IDENTITY_HOST;
+	identity = (src && !(src->flags & EP_F_HOST)) ? EP_IDENTITY(src) : IDENTITY_HOST;
 
 	if (tunnel_set_key(skb, info->tunnel_endpoint, identity) < 0)
 		return send_drop(skb, DROP_WRITE_ERROR, METRIC_EGRESS);

@@ -70,7 +70,10 @@ _Static_assert(sizeof(struct metrics_value) == 16, "metrics_value ABI");
 #define IDENTITY_HOST        1
 #define IDENTITY_WORLD       2
 #define IDENTITY_UNMANAGED   3
+#define IDENTITY_INIT        5 /* an endpoint whose identity is not resolved yet */
 #define IDENTITY_REMOTE_NODE 6
+/* What a packet from endpoint ep carries in the VNI: never 0, which receivers refuse. */
+#define EP_IDENTITY(ep) ((ep)->sec_id ? (ep)->sec_id : IDENTITY_INIT)
 /* Identities at or above this are node-local (CIDR); below are cluster-wide. */
 #define IDENTITY_LOCAL_MIN   (1U << 24)
 #define IDENTITY_USER_MIN    256

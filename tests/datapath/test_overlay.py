@@ -111,6 +111,17 @@ def test_unmanaged_device_sends_unmanaged_identity(node, run, netns, test_build_
     assert r.cb[0] == abi.IDENTITY_UNMANAGED
 
 
+def test_endpoint_without_identity_yet_sends_init_identity(node, run, test_build_dir):
+    # sec_id 0 (identity not allocated yet) would be refused by the receiver as VNI 0.
+    make, ia, _ = node
+    dp = make(obj_dir=test_build_dir)
+    run.dp = dp
+    dp.upsert_endpoint(EndpointEntry(A_IP, ia, 11, A_MAC, A_NODE_MAC, sec_id=0))
+    r = run("cil_from_container", from_a(), ia, cb=())
+    assert r.retval == TC_ACT_REDIRECT
+    assert r.cb[0] == abi.IDENTITY_INIT
+
+
 @pytest.mark.parametrize("case", ["native", "no-ipcache-entry", "no-tunnel-endpoint", "no-tunnel-device"])
 def test_to_the_stack_instead_of_the_tunnel(node, run, test_build_dir, case):
     make, ia, _ = node

@@ -22,6 +22,7 @@ ROUTING_TUNNEL = 1
 IDENTITY_HOST = 1
 IDENTITY_WORLD = 2
 IDENTITY_UNMANAGED = 3
+IDENTITY_INIT = 5  # endpoint identity not resolved yet (what sec_id 0 travels as)
 IDENTITY_REMOTE_NODE = 6
 
 IPCACHE_F_REMOTE_NODE = 0x1
