@@ -88,9 +88,10 @@ def ref_of(p: subprocess.Popen) -> ProcRef:
     return ProcRef(p.pid, st if st is not None else -1)
 
 
-def spawn(argv: list[str], log_path: str, env: dict | None = None) -> subprocess.Popen:
+def spawn(argv: list[str], log_path: str, env: dict | None = None,
+          cwd: str | None = None) -> subprocess.Popen:
     """Detached in its own session (own process group), output appended to log_path."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "ab", buffering=0) as log:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True, close_fds=True, env=env)
+                                start_new_session=True, close_fds=True, env=env, cwd=cwd)

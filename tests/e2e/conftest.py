@@ -37,6 +37,10 @@ class Lab:
             raise AssertionError(f"cilia {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
         return r
 
+    def down(self) -> None:
+        subprocess.run([CILIA, "lab", "down", "--name", self.name], capture_output=True,
+                       timeout=120)
+
     def apply(self, manifest: str) -> Result:
         return self.cilia("apply", "-f", "-", input=manifest)
 
@@ -61,14 +65,16 @@ def lab_factory():
     """Labs made through `cilia lab up`, always torn down with `cilia lab down`."""
     made: list[Lab] = []
 
-    def make(nodes: int = 1, routing: str = "tunnel", prefix: str = "e") -> Lab:
+    def make(nodes: int = 1, routing: str = "tunnel", prefix: str = "e",
+             store: str | None = None) -> Lab:
         lab = Lab(unique_lab_name(prefix))
         made.append(lab)
-        lab.cilia("lab", "up", "--name", lab.name, "--nodes", str(nodes), "--routing", routing,
-                  timeout=180)
+        args = ["lab", "up", "--name", lab.name, "--nodes", str(nodes), "--routing", routing]
+        if store:
+            args += ["--store", store]
+        lab.cilia(*args, timeout=180)
         return lab
 
     yield make
     for lab in made:
-        subprocess.run([CILIA, "lab", "down", "--name", lab.name], capture_output=True,
-                       timeout=120)
+        lab.down()

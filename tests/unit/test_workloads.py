@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from cilia.lab.workloads import PortSpec, parse_ports, workload_for
+from cilia.lab.workloads import IDLE_ARGV, PortSpec, parse_ports, workload_for
 
 PY = sys.executable
 ECHO = [PY, "-m", "cilia.lab.workloads"]
@@ -40,12 +40,12 @@ ECHO = [PY, "-m", "cilia.lab.workloads"]
      ECHO + ["echo", "--ports", "5678/TCP", "--name", "p", "--namespace", "ns", "--node", "n1"]),
     ({"name": "c", "image": "ealen/echo-server@sha256:abc"},
      ECHO + ["echo", "--ports", "80/TCP", "--name", "p", "--namespace", "ns", "--node", "n1"]),
-    ({"name": "c", "image": "busybox"}, ECHO + ["idle"]),
-    ({"name": "c", "image": "alpine:3.19"}, ECHO + ["idle"]),
-    ({"name": "c", "image": "nicolaka/netshoot", "ports": [{"containerPort": 80}]}, ECHO + ["idle"]),
-    ({"name": "c", "image": "idle"}, ECHO + ["idle"]),
+    ({"name": "c", "image": "busybox"}, IDLE_ARGV),
+    ({"name": "c", "image": "alpine:3.19"}, IDLE_ARGV),
+    ({"name": "c", "image": "nicolaka/netshoot", "ports": [{"containerPort": 80}]}, IDLE_ARGV),
+    ({"name": "c", "image": "idle"}, IDLE_ARGV),
     # The registry path is not the image name: "echoes" here must not select echo.
-    ({"name": "c", "image": "quay.io/echoes/busybox"}, ECHO + ["idle"]),
+    ({"name": "c", "image": "quay.io/echoes/busybox"}, IDLE_ARGV),
     ({"name": "c", "image": "busybox", "args": ["sh", "-c", "sleep 10"]}, ["sh", "-c", "sleep 10"]),
     ({"name": "c", "image": "curlimages/curl", "args": ["-s", "http://web"]}, ["curl", "-s", "http://web"]),
     ({"name": "c"}, None),

@@ -14,7 +14,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cluster", required=True)
     p.add_argument("--node", required=True)
     p.add_argument("--node-ip", required=True)
-    p.add_argument("--pod-cidr", required=True)
+    p.add_argument("--pod-cidr", default="auto",
+                   help="the node's pod CIDR, or auto to get one from cilia-operator")
+    p.add_argument("--preferred-pod-cidr", default="")
+    p.add_argument("--uplink", default="eth0", help="the node's underlay device")
+    p.add_argument("--no-masquerade", action="store_true")
     p.add_argument("--store", default="", help="store URL: sqlite:///path or etcd://host:port")
     p.add_argument("--routing", choices=["tunnel", "native"], default="tunnel")
     p.add_argument("--mtu", type=int, default=1500)
@@ -27,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = AgentConfig(cluster=a.cluster, node=a.node, node_ip=a.node_ip, pod_cidr=a.pod_cidr,
-                      store_url=a.store, routing=a.routing, mtu=a.mtu, socket=a.socket,
+                      preferred_pod_cidr=a.preferred_pod_cidr, store_url=a.store,
+                      routing=a.routing, mtu=a.mtu, uplink=a.uplink,
+                      masquerade=not a.no_masquerade, socket=a.socket,
                       state_dir=a.state_dir, pin_dir=a.pin_dir, node_id=a.node_id)
     return asyncio.run(run(cfg))
 

@@ -5,7 +5,10 @@ from cilia.endpoint.model import Endpoint
 
 
 def endpoint_labels(ep: Endpoint) -> list[str]:
-    # Cilium prints labels as source:key=value; pod labels come from Kubernetes ("k8s").
+    """The identity's labels (source:key=value, filtered as Cilium does) when the endpoint has
+    one; otherwise the pod's own labels."""
+    if ep.identity_labels:
+        return list(ep.identity_labels)
     out = [f"k8s:{k}={v}" for k, v in sorted(ep.labels.items())]
     if ep.pod_namespace:
         out.append(f"k8s:io.kubernetes.pod.namespace={ep.pod_namespace}")

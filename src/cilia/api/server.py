@@ -10,6 +10,7 @@ from aiohttp import web
 
 from cilia.api.models import endpoint_model
 from cilia.endpoint.manager import CniRequest, EndpointError
+from cilia.kvstore import LeaseNotFound, StoreUnavailable
 
 if TYPE_CHECKING:
     from cilia.agent.daemon import Agent
@@ -53,19 +54,20 @@ def build_app(agent: "Agent") -> web.Application:
     async def cni_add(req: web.Request) -> web.Response:
         try:
             creq = _cni_request(await req.json())
-            creq.labels = await agent.pod_labels(creq.pod_namespace, creq.pod_name)
             if not creq.netns:
                 raise EndpointError("CNI_NETNS is required for ADD", code=4)
-            result = await agent.blocking(agent.endpoints.add, creq)
+            result = await agent.cni_add(creq)
         except EndpointError as e:
             return _cni_error(e)
+        except (StoreUnavailable, LeaseNotFound) as e:
+            return _cni_error(EndpointError(f"cluster store unreachable: {e}", code=11))
         return web.json_response(result)
 
     @routes.post("/v1/cni/del")
     async def cni_del(req: web.Request) -> web.Response:
         try:
             creq = _cni_request(await req.json())
-            await agent.blocking(agent.endpoints.delete, creq.container_id, creq.ifname)
+            await agent.cni_del(creq.container_id, creq.ifname)
         except EndpointError as e:
             return _cni_error(e)
         return web.json_response({})
@@ -83,6 +85,15 @@ def build_app(agent: "Agent") -> web.Application:
     async def bpf_endpoints(_: web.Request) -> web.Response:
         entries = await agent.blocking(agent.datapath.endpoints)
         return web.json_response([e.__dict__ for e in entries])
+
+    @routes.get("/v1/bpf/ipcache")
+    async def bpf_ipcache(_: web.Request) -> web.Response:
+        entries = await agent.blocking(agent.datapath.ipcache)
+        return web.json_response([e.__dict__ for e in entries])
+
+    @routes.get("/v1/bpf/nat")
+    async def bpf_nat(_: web.Request) -> web.Response:
+        return web.json_response(await agent.blocking(agent.datapath.nat_entries))
 
     @routes.get("/v1/bpf/metrics")
     async def bpf_metrics(_: web.Request) -> web.Response:

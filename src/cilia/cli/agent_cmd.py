@@ -49,10 +49,14 @@ def _all_endpoints(spec) -> dict[str, list]:
 
 def cluster_status(ctx) -> dict:
     spec, cl = cluster(ctx)
+    operator = "unknown"
     try:
         pods = [p for p in cl.list("Pod") if not p["metadata"].get("deletionTimestamp")]
         store_rev = cl.store.revision()
         store_ok, store_err = True, None
+        op = cl.store.get("/cilia/operator/v1/status")
+        # The key lives on the operator's lease: present means alive.
+        operator = "OK" if op is not None else "not running"
     except Exception as e:  # the store being down is a status to report, not a crash
         pods, store_rev, store_ok, store_err = [], None, False, str(e)
     finally:
@@ -71,6 +75,8 @@ def cluster_status(ctx) -> dict:
             warnings.append(f"cilia-agent on {n}: store unreachable: {st['store'].get('error')}")
     if not store_ok:
         errors.append(f"store: {store_err}")
+    elif operator != "OK":
+        warnings.append("cilia-operator is not running: new nodes get no pod CIDR")
     for p in with_ip:
         if p not in managed:
             warnings.append(f"pod {p['metadata']['namespace']}/{p['metadata']['name']} "
@@ -82,7 +88,7 @@ def cluster_status(ctx) -> dict:
         "store": {"backend": "sqlite" if spec.store == "local" else "etcd", "ok": store_ok,
                   "revision": store_rev, "error": store_err},
         "cilia": {"desired": len(spec.nodes), "ready": ready, "available": ready},
-        "operator": "disabled",
+        "operator": operator,
         "hubble_relay": "disabled",
         "cluster_mesh": "disabled",
         "pods": {"total": len(with_ip), "managed": len(managed)},
@@ -257,4 +263,114 @@ def bpf_metrics_list(ctx, node: str | None, output: str) -> None:
     rows = [["REASON", "DIRECTION", "PACKETS", "BYTES"]]
     for m in sorted(ms, key=lambda m: (m["reason"], m["direction"])):
         rows.append([m["reason_name"], m["direction"], str(m["packets"]), str(m["bytes"])])
+    click.echo(render_columns(rows), nl=False)
+
+
+@bpf.group("ipcache")
+def bpf_ipcache() -> None:
+    pass
+
+
+@bpf_ipcache.command("list")
+@node_option
+@output_option
+@click.pass_context
+def bpf_ipcache_list(ctx, node: str | None, output: str) -> None:
+    spec = lab_spec(ctx)
+    entries = agent_get(spec, node_name(spec, node), "/v1/bpf/ipcache")
+    if output == "json":
+        emit_json(entries)
+        return
+    rows = [["IP PREFIX/ADDRESS", "IDENTITY"]]
+    for e in sorted(entries, key=lambda e: _prefix_key(e["prefix"])):
+        flags = "<none>" if not e.get("flags") else f"0x{e['flags']:x}"
+        rows.append([e["prefix"], f"identity={e['identity']} encryptkey=0 "
+                                  f"tunnelendpoint={e.get('tunnel_endpoint') or '0.0.0.0'} "
+                                  f"flags={flags}"])
+    click.echo(render_columns(rows), nl=False)
+
+
+def _prefix_key(prefix: str) -> tuple:
+    ip, _, plen = prefix.partition("/")
+    return (*(int(x) for x in ip.split(".")), int(plen or 32))
+
+
+@bpf.group("nat")
+def bpf_nat() -> None:
+    pass
+
+
+@bpf_nat.command("list")
+@node_option
+@output_option
+@click.pass_context
+def bpf_nat_list(ctx, node: str | None, output: str) -> None:
+    spec = lab_spec(ctx)
+    entries = agent_get(spec, node_name(spec, node), "/v1/bpf/nat")
+    if output == "json":
+        emit_json(entries)
+        return
+    for e in entries:
+        click.echo(format_nat(e))
+
+
+def format_nat(e: dict) -> str:
+    """Cilium's `bpf nat list` line: PROTO DIR src -> dst XLATE_x addr:port ..."""
+    proto = {6: "TCP", 17: "UDP", 1: "ICMP"}.get(e.get("proto"), str(e.get("proto")))
+    direction = e.get("direction", "OUT").upper()
+    xlate = "XLATE_SRC" if direction == "OUT" else "XLATE_DST"
+    return (f"{proto} {direction} {e.get('saddr')}:{e.get('sport')} -> "
+            f"{e.get('daddr')}:{e.get('dport')} {xlate} {e.get('to_addr')}:{e.get('to_port')} "
+            f"Created={e.get('created', 0)}sec ago")
+
+
+@click.group("identity", help="Security identities (reserved and cluster-wide).")
+def identity() -> None:
+    pass
+
+
+def _identities(ctx) -> list[dict]:
+    from cilia.identity.allocator import ID_PREFIX, parse_id_kv
+    from cilia.identity.reserved import reserved_identities
+    _, cl = cluster(ctx)
+    try:
+        kvs, _ = cl.store.list(ID_PREFIX)
+    finally:
+        cl.close()
+    out = [i.to_json() for i in reserved_identities()]
+    for kv in kvs:
+        ident = parse_id_kv(kv.key, kv.value)
+        if ident is not None:
+            out.append(ident.to_json())
+    return sorted(out, key=lambda d: d["id"])
+
+
+@identity.command("list")
+@output_option
+@click.pass_context
+def identity_list(ctx, output: str) -> None:
+    ids = _identities(ctx)
+    if output == "json":
+        emit_json(ids)
+        return
+    rows = [["ID", "LABELS"]]
+    for d in ids:
+        rows.append([str(d["id"]), d["labels"][0] if d["labels"] else ""])
+        rows += [["", lab] for lab in d["labels"][1:]]
+    click.echo(render_columns(rows), nl=False)
+
+
+@identity.command("get")
+@click.argument("ident", type=int)
+@output_option
+@click.pass_context
+def identity_get(ctx, ident: int, output: str) -> None:
+    found = [d for d in _identities(ctx) if d["id"] == ident]
+    if not found:
+        raise CLIError(f"identity {ident} not found")
+    if output == "json":
+        emit_json(found[0])
+        return
+    rows = [["ID", "LABELS"], [str(ident), found[0]["labels"][0] if found[0]["labels"] else ""]]
+    rows += [["", lab] for lab in found[0]["labels"][1:]]
     click.echo(render_columns(rows), nl=False)

@@ -21,9 +21,10 @@ def lab() -> None:
 @click.option("--name", default="cilia", show_default=True, help="Lab name (prefixes netns, pins, sockets).")
 @click.option("--nodes", type=int, default=2, show_default=True)
 @click.option("--routing", type=click.Choice(["tunnel", "native"]), default="tunnel", show_default=True)
-@click.option("--store", type=click.Choice(["local", "etcd"]), default="local", show_default=True)
+@click.option("--store", type=click.Choice(["local", "etcd"]), default=None,
+              help="Cluster store (default: etcd for several nodes, local SQLite for one).")
 @click.option("--timeout", type=float, default=60.0, show_default=True)
-def up(name: str, nodes: int, routing: str, store: str, timeout: float) -> None:
+def up(name: str, nodes: int, routing: str, store: str | None, timeout: float) -> None:
     from cilia.lab.lab import LabError, up as lab_up
     from cilia.lab.topology import TopologyError
     t0 = time.monotonic()
@@ -33,7 +34,7 @@ def up(name: str, nodes: int, routing: str, store: str, timeout: float) -> None:
     except (LabError, TopologyError) as e:
         raise CLIError(str(e)) from None
     click.echo(f"✅ lab {spec.name} is up: {len(spec.nodes)} nodes, {routing} routing, "
-               f"{store} store ({time.monotonic() - t0:.1f}s)")
+               f"{spec.store} store ({time.monotonic() - t0:.1f}s)")
     if name != "cilia" or os.environ.get("CILIA_LAB"):
         click.echo(f"   use it with --lab {spec.name} or CILIA_LAB={spec.name}")
 
@@ -87,3 +88,69 @@ def exec_(ctx: click.Context, target: str, command: tuple[str, ...]) -> None:
     argv = netns.nsenter_argv(names[target], list(command))
     sys.stdout.flush()
     os.execvp(argv[0], argv)
+
+
+@lab.group("node", help="Add or remove lab nodes at run time.")
+def node() -> None:
+    pass
+
+
+@node.command("add")
+@click.pass_context
+def node_add(ctx: click.Context) -> None:
+    from cilia.lab.lab import LabError, node_add as add
+    spec = lab_spec(ctx)
+    try:
+        n = add(spec.name)
+    except LabError as e:
+        raise CLIError(str(e)) from None
+    click.echo(f"node {n.name} added ({n.ip}, pod CIDR {n.pod_cidr})")
+
+
+@node.command("remove")
+@click.argument("name")
+@click.pass_context
+def node_remove(ctx: click.Context, name: str) -> None:
+    from cilia.lab.lab import LabError, node_remove as remove
+    spec = lab_spec(ctx)
+    if name not in [n.name for n in spec.nodes]:
+        raise CLIError(f"no node {name!r} in lab {spec.name}")
+    try:
+        remove(spec.name, name)
+    except LabError as e:
+        raise CLIError(str(e)) from None
+    click.echo(f"node {name} removed")
+
+
+@lab.group("store", help="Stop and start the lab's etcd (to see how the cluster copes).")
+def store() -> None:
+    pass
+
+
+@store.command("stop")
+@click.pass_context
+def store_stop(ctx: click.Context) -> None:
+    from cilia.lab.lab import stop_etcd
+    spec = lab_spec(ctx)
+    if spec.store != "etcd":
+        raise CLIError(f"lab {spec.name} uses the local store; only etcd can be stopped")
+    if not stop_etcd(spec.name):
+        raise CLIError("etcd is not running")
+    click.echo("etcd stopped")
+
+
+@store.command("start")
+@click.pass_context
+def store_start(ctx: click.Context) -> None:
+    from cilia.lab import state
+    from cilia.lab.lab import LabError, etcd_pid_file, start_etcd
+    spec = lab_spec(ctx)
+    if spec.store != "etcd":
+        raise CLIError(f"lab {spec.name} uses the local store")
+    if state.read_json(etcd_pid_file(spec.name), None):
+        raise CLIError("etcd is already running")
+    try:
+        start_etcd(spec)
+    except LabError as e:
+        raise CLIError(str(e)) from None
+    click.echo("etcd started")

@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from cilia.cli.agent_cmd import bpf, endpoint, status
+from cilia.cli.agent_cmd import bpf, endpoint, identity, status
 from cilia.cli.context import CLIError
 from cilia.cli.k8s_cmd import apply, delete, exec_, get, wait
 from cilia.cli.lab_cmd import lab
@@ -27,7 +27,7 @@ def version() -> None:
     click.echo(f"cilia {VERSION}")
 
 
-for cmd in (lab, apply, delete, get, exec_, wait, status, endpoint, bpf):
+for cmd in (lab, apply, delete, get, exec_, wait, status, endpoint, bpf, identity):
     cli.add_command(cmd)
 
 

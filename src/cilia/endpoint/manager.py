@@ -36,6 +36,7 @@ class CniRequest:
     pod_namespace: str = ""
     pod_name: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    identity_labels: list[str] = field(default_factory=list)
     identity: int = 0
 
 
@@ -97,7 +98,7 @@ class EndpointManager:
         ep = Endpoint(id=self._next_id(), container_id=req.container_id, ifname=req.ifname,
                       netns=req.netns, ip4="", pod_namespace=req.pod_namespace,
                       pod_name=req.pod_name, labels=dict(req.labels), identity=req.identity,
-                      created=time.time())
+                      identity_labels=list(req.identity_labels), created=time.time())
         try:
             ep.ip4 = self.pool.allocate(ep.owner)
         except Exception as e:
@@ -153,6 +154,13 @@ class EndpointManager:
             problems.append(f"datapath has no endpoint entry for {ep.ip4}")
         if problems:
             raise EndpointError("; ".join(problems), code=4)
+
+    def set_identity(self, ep_id: int, identity: int) -> None:
+        """A new identity for a running endpoint is one map write."""
+        ep = self.endpoints[ep_id]
+        ep.identity = identity
+        self.dp.upsert_endpoint(self._entry(ep))
+        self.state.save(ep)
 
     def _teardown(self, ep: Endpoint) -> None:
         ep.state = DISCONNECTING

@@ -24,6 +24,7 @@ class Endpoint:
     pod_name: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     identity: int = 0
+    identity_labels: list[str] = field(default_factory=list)
     host_ifname: str = ""
     host_ifindex: int = 0
     host_mac: str = ""

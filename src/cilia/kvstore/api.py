@@ -144,6 +144,7 @@ def open_store(url: str) -> Store:
 
     sqlite:///abs/path.db[?poll_interval=0.05&compact_keep=100000&busy_timeout=30]
     etcd://host:port[,host:port...][?timeout=5]
+    etcd+unix:///abs/dir/host:port[?timeout=5]   (etcd's unix listener; reachable from any netns)
     """
     parts = urlsplit(url)
     q = parse_qs(parts.query)
@@ -168,4 +169,13 @@ def open_store(url: str) -> Store:
         from .etcd import EtcdStore
 
         return EtcdStore(endpoints, timeout=_query_float(q, "timeout", 5.0))
-    raise ValueError(f"unknown store URL scheme in {url!r} (want sqlite:// or etcd://)")
+    if parts.scheme == "etcd+unix":
+        # etcd names a unix listener host:port (a file "host:port" in its working dir);
+        # gRPC dials "unix:<path>", so the path splits into host "unix:<dir>/<host>" + port.
+        base, sep, port = parts.path.rpartition(":")
+        if not sep or not port.isdigit() or not base.startswith("/"):
+            raise ValueError(f"etcd+unix URL needs an absolute socket path ending in :port: {url!r}")
+        from .etcd import EtcdStore
+
+        return EtcdStore([(f"unix:{base}", int(port))], timeout=_query_float(q, "timeout", 5.0))
+    raise ValueError(f"unknown store URL scheme in {url!r} (want sqlite://, etcd:// or etcd+unix://)")

@@ -20,8 +20,8 @@ from pyroute2 import IPRoute
 from cilia import netns, paths
 from cilia.api.client import AgentClient
 from cilia.lab import state
-from cilia.lab.topology import (FABRIC_ROUTER, NODE_NET, WORLD_GATEWAY, WORLD_HOST, WORLD_NET,
-                                LabSpec, NodeSpec, plan)
+from cilia.lab.topology import (FABRIC_ROUTER, NODE_NET, POD_POOL, WORLD_GATEWAY, WORLD_HOST,
+                                WORLD_NET, LabSpec, NodeSpec, node_spec, plan)
 from cilia.procs import ProcRef, ref_of, spawn
 
 log = logging.getLogger("cilia.lab")
@@ -141,11 +141,88 @@ def _log_tail(path: str, lines: int = 15) -> str:
         return "(no log)"
 
 
-def up(name: str, nodes: int = 2, routing: str = "tunnel", store: str = "local",
+def etcd_pid_file(lab: str) -> str:
+    return os.path.join(paths.cluster_dir(lab), "etcd.pid")
+
+
+def operator_pid_file(lab: str) -> str:
+    return os.path.join(paths.cluster_dir(lab), "operator.pid")
+
+
+def start_etcd(spec: LabSpec, timeout: float = 30.0) -> None:
+    """etcd in the fabric netns: TCP on the underlay for the nodes, a unix listener for
+    clients in other namespaces. Its data survives a stop/start (same data dir)."""
+    d = state.etcd_dir(spec.name)
+    os.makedirs(d, exist_ok=True)
+    port = state.ETCD_CLIENT_PORT
+    argv = netns.nsenter_argv(spec.fabric_netns, [
+        "etcd", "--name", "etcd", "--data-dir", os.path.join(d, "data"),
+        "--listen-client-urls", f"unix://etcd:{port},http://{FABRIC_ROUTER}:{port}",
+        "--advertise-client-urls", f"http://{FABRIC_ROUTER}:{port}",
+        "--listen-peer-urls", "http://127.0.0.1:2380",
+        "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+        "--initial-cluster", "etcd=http://127.0.0.1:2380",
+        "--log-level", "warn", "--logger", "zap"])
+    p = spawn(argv, os.path.join(d, "etcd.log"), cwd=d)
+    state.write_json(etcd_pid_file(spec.name), ref_of(p).to_json())
+    from cilia.kvstore import SyncStore
+    deadline = time.monotonic() + timeout
+    while True:
+        s = SyncStore(state.store_url(spec.name, "etcd") + "?timeout=1")
+        try:
+            if s.status().get("ok"):
+                return
+        except Exception:
+            pass
+        finally:
+            s.close()
+        if p.poll() is not None or time.monotonic() > deadline:
+            raise LabError("etcd did not start; etcd.log:\n" + _log_tail(os.path.join(d, "etcd.log")))
+        time.sleep(0.1)
+
+
+def stop_etcd(lab: str) -> bool:
+    d = state.read_json(etcd_pid_file(lab), None)
+    if not d:
+        return False
+    ProcRef.from_json(d).stop(5.0)
+    os.unlink(etcd_pid_file(lab))
+    return True
+
+
+def start_operator(spec: LabSpec) -> None:
+    argv = netns.nsenter_argv(spec.fabric_netns, [
+        sys.executable, "-m", "cilia.operator.main", "--store", state.store_url(spec.name),
+        "--cluster-cidr", str(POD_POOL)])
+    p = spawn(argv, os.path.join(paths.cluster_dir(spec.name), "operator.log"))
+    state.write_json(operator_pid_file(spec.name), ref_of(p).to_json())
+
+
+def _start_node(spec: LabSpec, n: NodeSpec) -> None:
+    d = paths.node_dir(spec.name, n.name)
+    os.makedirs(d, exist_ok=True)
+    p = spawn(_runtime_argv(spec, n), os.path.join(d, "runtime.log"))
+    state.write_json(state.runtime_pid_file(spec.name, n.name), ref_of(p).to_json())
+
+
+def _wait_agents(spec: LabSpec, nodes: list[NodeSpec], deadline: float) -> None:
+    pending = list(nodes)
+    while pending:
+        pending = [n for n in pending if not _agent_ok(spec, n)]
+        if not pending:
+            break
+        if time.monotonic() > deadline:
+            n = pending[0]
+            tail = _log_tail(os.path.join(paths.node_dir(spec.name, n.name), "agent.log"))
+            raise LabError(f"agent on {n.name} not ready; agent.log:\n{tail}")
+        time.sleep(0.1)
+
+
+def up(name: str, nodes: int = 2, routing: str = "tunnel", store: str | None = None,
        timeout: float = 60.0, progress=None) -> LabSpec:
+    # A multi-node lab gets etcd, like a real cluster; one node is happy with SQLite.
+    store = store or ("etcd" if nodes > 1 else "local")
     spec = plan(name, nodes, routing, store)
-    if store == "etcd":
-        raise LabError("--store etcd is not available yet in the lab; use --store local")
     if state.load_spec(name) is not None:
         raise LabError(f"lab {name!r} already exists (cilia lab down --name {name})")
     clash = [n for n in netns.list_names(f"{name}-")]
@@ -161,24 +238,15 @@ def up(name: str, nodes: int = 2, routing: str = "tunnel", store: str = "local",
         for n in spec.nodes:
             _setup_node(spec, n)
         say(f"network: fabric, world and {len(spec.nodes)} node namespaces")
+        if store == "etcd":
+            start_etcd(spec)
+            say("store: etcd in the fabric netns")
         _seed_store(spec)
+        start_operator(spec)
         for n in spec.nodes:
-            d = paths.node_dir(spec.name, n.name)
-            os.makedirs(d, exist_ok=True)
-            p = spawn(_runtime_argv(spec, n), os.path.join(d, "runtime.log"))
-            state.write_json(state.runtime_pid_file(spec.name, n.name), ref_of(p).to_json())
+            _start_node(spec, n)
         deadline = time.monotonic() + timeout
-        pending = list(spec.nodes)
-        while pending:
-            pending = [n for n in pending if not _agent_ok(spec, n)]
-            if not pending:
-                break
-            if time.monotonic() > deadline:
-                n = pending[0]
-                tail = _log_tail(os.path.join(paths.node_dir(spec.name, n.name), "agent.log"))
-                raise LabError(f"agent on {n.name} not ready after {timeout:.0f}s; "
-                               f"agent.log:\n{tail}")
-            time.sleep(0.1)
+        _wait_agents(spec, spec.nodes, deadline)
         _wait_nodes_registered(spec, deadline)
         say(f"agents ready on {', '.join(n.name for n in spec.nodes)}")
         state.save_spec(spec, "running")
@@ -186,6 +254,70 @@ def up(name: str, nodes: int = 2, routing: str = "tunnel", store: str = "local",
         down(name)
         raise
     return spec
+
+
+def node_add(lab: str, timeout: float = 60.0) -> NodeSpec:
+    spec = resolve(lab)
+    index = max((n.index for n in spec.nodes), default=0) + 1
+    node = node_spec(spec.name, index)
+    netns.create(node.netns)
+    spec.nodes.append(node)
+    state.save_spec(spec, "running")
+    try:
+        _setup_node(spec, node)
+        _start_node(spec, node)
+        deadline = time.monotonic() + timeout
+        _wait_agents(spec, [node], deadline)
+        _wait_nodes_registered(spec, deadline)
+    except BaseException:
+        node_remove(spec.name, node.name)
+        raise
+    return node
+
+
+def node_remove(lab: str, node_name: str) -> None:
+    """Take a node out: its processes, pods, netns and pins go; the cluster forgets it."""
+    spec = resolve(lab)
+    node = spec.node(node_name)
+    if len(spec.nodes) == 1:
+        raise LabError("cannot remove the last node; use cilia lab down")
+    _stop_node_processes(spec.name, node.name)
+    from cilia.kvstore import SyncStore
+    from cilia.objects import decode, key, prefix
+    store = SyncStore(state.store_url(spec.name))
+    try:
+        # What a node controller would do: pods bound to a gone node are gone.
+        kvs, _ = store.list(prefix("pods"))
+        for kv in kvs:
+            if decode(kv.value).get("spec", {}).get("nodeName") == node.name:
+                store.delete(kv.key)
+        store.delete(key("nodes", None, node.name))
+        store.delete(f"/cilia/nodes/v1/{node.name}")
+        kvs, _ = store.list("/cilia/ipcache/v1/")
+        for kv in kvs:
+            if decode(kv.value).get("node") == node.name:
+                store.delete(kv.key)
+    finally:
+        store.close()
+    netns.delete(node.netns)
+    _remove_pins(os.path.join(paths.BPF_ROOT, spec.name, node.name))
+    shutil.rmtree(paths.node_dir(spec.name, node.name), ignore_errors=True)
+    spec.nodes = [n for n in spec.nodes if n.name != node.name]
+    state.save_spec(spec, "running")
+
+
+def _stop_node_processes(lab: str, node: str) -> list[str]:
+    """Runtime first so nothing restarts what we stop next; then agent, then pods."""
+    removed = []
+    _stop_pidfile(state.runtime_pid_file(lab, node), 3.0)
+    _stop_pidfile(state.agent_pid_file(lab, node), 3.0)
+    for run in state.read_json(state.pods_file(lab, node), {}).values():
+        for c in run.get("containers", []):
+            if c.get("proc"):
+                ProcRef.from_json(c["proc"]).stop(1.0)
+        if netns.delete(run["netns"]):
+            removed.append(run["netns"])
+    return removed
 
 
 def _stop_pidfile(path: str, grace: float) -> None:
@@ -216,18 +348,10 @@ def down(name: str) -> list[str]:
     if os.path.isdir(d):
         node_names += [n for n in os.listdir(d) if os.path.isdir(os.path.join(d, n))
                        and n not in node_names]
-    # Runtimes first so nothing restarts what we stop next.
     for n in node_names:
-        _stop_pidfile(state.runtime_pid_file(name, n), 3.0)
-    for n in node_names:
-        _stop_pidfile(state.agent_pid_file(name, n), 3.0)
-        pods = state.read_json(state.pods_file(name, n), {})
-        for run in pods.values():
-            for c in run.get("containers", []):
-                if c.get("proc"):
-                    ProcRef.from_json(c["proc"]).stop(1.0)
-            if netns.delete(run["netns"]):
-                removed.append(run["netns"])
+        removed += _stop_node_processes(name, n)
+    _stop_pidfile(operator_pid_file(name), 3.0)
+    stop_etcd(name)
     # Every netns named after the lab is ours: lab names are unique prefixes.
     for ns in netns.list_names(f"{name}-"):
         netns.delete(ns)

@@ -30,6 +30,7 @@ from cilia.procs import ProcRef, ref_of, spawn
 log = logging.getLogger("cilia.lab.node")
 
 POLL = 0.1
+START_CONCURRENCY = 8
 
 
 def now_rfc3339() -> str:
@@ -106,11 +107,14 @@ class NodeRuntime:
         self.node = node
         self.dir = paths.node_dir(spec.name, node.name)
         self.socket = paths.agent_socket(spec.name, node.name)
-        self.store = open_store(state.store_url(spec.name))
+        self.store = open_store(state.node_store_url(spec))
         self.objects = Objects(self.store)
         self.pods: dict[str, PodRun] = {}
         self.locks: dict[str, asyncio.Lock] = {}
         self.agent_proc: subprocess.Popen | None = None
+        # A burst of pods (a 100-replica Deployment) starts a few at a time: each start is
+        # a process exec or two, and 2 CPUs shared by 100 at once finish them all last.
+        self.start_slots = asyncio.Semaphore(START_CONCURRENCY)
         self.agent_healthy = False
         self.cni_bin = shutil.which("cilia-cni", path=os.path.dirname(sys.executable)) \
             or shutil.which("cilia-cni")
@@ -133,7 +137,8 @@ class NodeRuntime:
     def agent_argv(self) -> list[str]:
         return [sys.executable, "-m", "cilia.agent.main", "--cluster", self.spec.name,
                 "--node", self.node.name, "--node-ip", self.node.ip,
-                "--pod-cidr", self.node.pod_cidr, "--store", state.store_url(self.spec.name),
+                "--pod-cidr", "auto", "--preferred-pod-cidr", self.node.pod_cidr,
+                "--store", state.node_store_url(self.spec),
                 "--routing", self.spec.routing, "--mtu", str(self.spec.pod_mtu),
                 "--node-id", str(self.node.index)]
 
@@ -241,7 +246,8 @@ class NodeRuntime:
                 return
             if run is None:
                 try:
-                    await self.start_pod(key, obj)
+                    async with self.start_slots:
+                        await self.start_pod(key, obj)
                 except Exception as e:
                     log.exception("pod %s failed to start", key)
                     await self.set_status(key, md.get("uid"), failed=str(e))

@@ -13,8 +13,30 @@ def lab_file(lab: str) -> str:
     return os.path.join(paths.cluster_dir(lab), "lab.json")
 
 
-def store_url(lab: str) -> str:
+ETCD_CLIENT_PORT = 2379
+
+
+def etcd_dir(lab: str) -> str:
+    return os.path.join(paths.cluster_dir(lab), "etcd")
+
+
+def store_url(lab: str, store: str | None = None) -> str:
+    """How a client in the root netns (CLI, operator) reaches the lab's store. etcd is
+    dialled through its unix listener, which works from any netns."""
+    if store is None:
+        got = load_spec(lab)
+        store = got[0].store if got else "local"
+    if store == "etcd":
+        return f"etcd+unix://{etcd_dir(lab)}/etcd:{ETCD_CLIENT_PORT}"
     return f"sqlite://{os.path.join(paths.cluster_dir(lab), 'store.db')}"
+
+
+def node_store_url(spec: LabSpec) -> str:
+    """How agents and node runtimes reach it: etcd over the underlay, like a real cluster."""
+    if spec.store == "etcd":
+        from cilia.lab.topology import FABRIC_ROUTER
+        return f"etcd://{FABRIC_ROUTER}:{ETCD_CLIENT_PORT}"
+    return store_url(spec.name, spec.store)
 
 
 def save_spec(spec: LabSpec, status: str) -> None:

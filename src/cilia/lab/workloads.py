@@ -93,6 +93,9 @@ def _ports_from_args(image_name: str, args: list[str]) -> list[str]:
     return out
 
 
+IDLE_ARGV = ["sleep", "infinity"]
+
+
 def workload_for(container: dict, *, pod_name: str = "", namespace: str = "default",
                  node: str = "", python: str = sys.executable) -> list[str] | None:
     """argv to run for a Pod container, or None when it names nothing to run.
@@ -113,7 +116,9 @@ def workload_for(container: dict, *, pod_name: str = "", namespace: str = "defau
     base = [python, "-m", "cilia.lab.workloads"]
     if not any(hint in name for hint in ECHO_IMAGE_HINTS):
         if not args:
-            return base + ["idle"]
+            # coreutils sleep, not a Python process: 100 idle pods must not cost 100
+            # interpreters on a 2-CPU machine.
+            return IDLE_ARGV
         # Kubernetes passes args to the image's entrypoint: curl images have curl as
         # entrypoint; busybox/alpine/netshoot have none, so args are the command.
         return (["curl"] + args) if "curl" in name else args
