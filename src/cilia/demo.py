@@ -24,7 +24,6 @@ spec:
   template:
     metadata: {labels: {app: backend, tier: api}}
     spec:
-      nodeName: node1
       containers:
       - name: echo
         image: cilia/echo
@@ -60,14 +59,15 @@ def main() -> int:
         print(f"(removing the previous {LAB} lab)")
         run("lab", "down", "--name", LAB, show=False)
     run("lab", "up", "--name", LAB, "--nodes", "2")
-    print("\nA sample app: a frontend pod and two backend echo pods on node1.")
+    print("\nA sample app: a frontend pod on node1 and two backend echo pods spread over the nodes.")
     run("apply", "-f", "-", input=APP)
     run("wait", "--for=condition=Ready", "pods", "--all", "-n", "shop", "--timeout", "60s")
     run("get", "pods", "-n", "shop", "-o", "wide")
     pods = json.loads(run("get", "pods", "-n", "shop", "-o", "json", show=False))["items"]
     backends = [p["status"]["podIP"] for p in pods if p["metadata"]["labels"].get("app") == "backend"]
-    print("\nThe frontend talks to each backend: BPF on the host-side veth redirects the packets "
-          "straight into the peer pod (no bridge, no iptables).")
+    print("\nThe frontend talks to each backend: on the same node BPF redirects packets straight "
+          "into the peer pod; across nodes it encapsulates them in VXLAN with the source "
+          "identity in the VNI (no bridge, no iptables).")
     for ip in backends:
         run("exec", "-n", "shop", "frontend", "--", "curl", "-s", "-m", "3", f"http://{ip}:8080/hello")
         print()
@@ -75,7 +75,9 @@ def main() -> int:
         f"printf 'hello over UDP\\n' | nc -u -w1 {backends[0]} 8080")
     run("exec", "-n", "shop", "frontend", "--", "ping", "-c", "2", "-i", "0.2", backends[1])
     run("status")
+    run("identity", "list")
     run("endpoint", "list", "--node", "node1")
+    run("bpf", "ipcache", "list", "--node", "node1")
     run("bpf", "metrics", "list", "--node", "node1")
     print(f"\n✅ demo finished in {time.monotonic() - t0:.1f}s. The lab '{LAB}' is still running. Try:")
     print(f"   export CILIA_LAB={LAB}")
@@ -83,6 +85,7 @@ def main() -> int:
     print("   cilia exec -n shop frontend -- curl -s http://<backend IP>:8080/")
     print("   cilia status --verbose --node node1     # one agent, cilium-dbg style")
     print("   cilia bpf endpoint list --node node1")
+    print("   cilia lab node add                       # grow the cluster; watch the ipcache")
     print("   cilia lab exec node1 -- bpftool net show   # the programs on each lxc veth")
     print(f"   cilia lab down --name {LAB}               # remove everything")
     return 0
