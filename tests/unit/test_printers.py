@@ -205,8 +205,8 @@ def test_fresh_deployment_without_status():
 
 
 def test_unknown_kind_gets_name_and_age():
-    svc = {"kind": "Service", "metadata": {"name": "s", "namespace": "default", "creationTimestamp": ts(30)}}
-    assert print_table("Service", [svc], all_namespaces=True, now=NOW) == (
+    cm = {"kind": "ConfigMap", "metadata": {"name": "s", "namespace": "default", "creationTimestamp": ts(30)}}
+    assert print_table("ConfigMap", [cm], all_namespaces=True, now=NOW) == (
         "NAMESPACE   NAME   AGE\n"
         "default     s      30s\n")
 

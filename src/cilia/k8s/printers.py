@@ -240,6 +240,67 @@ register_table("Deployment", TableSpec(("NAME", "READY", "UP-TO-DATE", "AVAILABL
 GENERIC_TABLE = TableSpec(("NAME", "AGE"), _generic_row)
 
 
+# --- services and endpoint slices (kubectl's printService / printEndpointSlice) ----------
+
+def service_external_ip(svc: dict) -> str:
+    spec = _spec(svc)
+    external = list(spec.get("externalIPs") or [])
+    if spec.get("type") == "LoadBalancer":
+        ingress = [i.get("ip") or i.get("hostname") or ""
+                   for i in ((_status(svc).get("loadBalancer") or {}).get("ingress") or [])]
+        found = [x for x in ingress if x] + external
+        return ",".join(found) if found else "<pending>"
+    return ",".join(external) if external else NONE
+
+
+def service_ports(svc: dict) -> str:
+    out = []
+    for p in _spec(svc).get("ports") or []:
+        proto = p.get("protocol", "TCP")
+        if p.get("nodePort"):
+            out.append(f"{p['port']}:{p['nodePort']}/{proto}")
+        else:
+            out.append(f"{p.get('port')}/{proto}")
+    return ",".join(out) if out else NONE
+
+
+def _service_row(svc: dict, now: datetime) -> list[str]:
+    spec = _spec(svc)
+    return [_meta(svc).get("name", ""), spec.get("type", "ClusterIP"), spec.get("clusterIP") or NONE,
+            service_external_ip(svc), service_ports(svc), _age(svc, now)]
+
+
+def _service_wide(svc: dict, now: datetime) -> list[str]:
+    selector = _spec(svc).get("selector") or {}
+    return [",".join(f"{k}={v}" for k, v in sorted(selector.items())) or NONE]
+
+
+def _slice_ports(sl: dict) -> str:
+    ports = sl.get("ports") or []
+    if not ports:
+        return "<unset>"
+    return ",".join(str(p["port"]) if p.get("port") is not None else "<unset>" for p in ports)
+
+
+def _slice_endpoints(sl: dict, limit: int = 3) -> str:
+    addresses = [a for ep in sl.get("endpoints") or [] for a in ep.get("addresses") or []]
+    if not addresses:
+        return "<unset>"
+    text = ",".join(addresses[:limit])
+    return f"{text} + {len(addresses) - limit} more..." if len(addresses) > limit else text
+
+
+def _slice_row(sl: dict, now: datetime) -> list[str]:
+    return [_meta(sl).get("name", ""), sl.get("addressType", ""), _slice_ports(sl),
+            _slice_endpoints(sl), _age(sl, now)]
+
+
+register_table("Service", TableSpec(("NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"),
+                                    _service_row, ("SELECTOR",), _service_wide))
+register_table("EndpointSlice", TableSpec(("NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"),
+                                          _slice_row))
+
+
 def _canonical_kind(kind: str) -> str:
     if kind in TABLES or kind in KINDS:
         return kind

@@ -12,6 +12,7 @@ from typing import Callable
 from .deployments import validate_deployment
 from .namespaces import validate_namespace
 from .pods import validate_pod
+from .services import validate_endpointslice, validate_service
 
 Validator = Callable[[dict], dict]
 
@@ -62,3 +63,6 @@ register(KindSpec("Namespace", ("v1",), "namespaces", False, validate_namespace,
 register(KindSpec("Pod", ("v1",), "pods", True, validate_pod, ("po",)))
 register(KindSpec("Deployment", ("apps/v1",), "deployments", True, validate_deployment, ("deploy",)))
 register(KindSpec("Node", ("v1",), "nodes", False, None, ("no",), appliable=False))
+register(KindSpec("Service", ("v1",), "services", True, validate_service, ("svc",)))
+register(KindSpec("EndpointSlice", ("discovery.k8s.io/v1",), "endpointslices", True,
+                  validate_endpointslice))
