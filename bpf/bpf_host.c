@@ -11,6 +11,7 @@
 #include "endpoint.h"
 #include "ipcache.h"
 #include "nat.h"
+#include "nodeport.h"
 
 SEC("tc")
 int cil_from_netdev(struct __sk_buff *skb)
@@ -20,8 +21,9 @@ int cil_from_netdev(struct __sk_buff *skb)
 	struct ethhdr *eth = data;
 	struct iphdr *ip = data + sizeof(*eth);
 	struct endpoint_info *ep;
-	__u32 daddr;
-	int ret;
+	__u16 ct_flags = 0;
+	int ret, verdict;
+	bool reversed;
 
 	/* ARP, IPv6 and the like are the node's own business. */
 	if (!PKT_HAS(data, data_end, 0, sizeof(*eth)) || eth->h_proto != bpf_htons(ETH_P_IP))
@@ -29,9 +31,15 @@ int cil_from_netdev(struct __sk_buff *skb)
 	if (!PKT_HAS(data, data_end, sizeof(*eth), sizeof(*ip)) || ip->version != 4 || ip->ihl < 5)
 		return send_drop(skb, DROP_INVALID, METRIC_INGRESS);
 
+	/* Replies to the node IP first: masqueraded pod flows and NodePort flows SNATed to
+	 * a remote backend share the NAT table. A NodePort reply then also gets its
+	 * frontend back and returns to the client; a pod's reply is delivered below. */
 	ret = snat_v4_ingress(skb, ip);
 	if (ret < 0)
 		return send_drop(skb, ret, METRIC_INGRESS);
+	reversed = ret == 0;
+	if (reversed && nodeport_rev_lb4(skb, METRIC_INGRESS, &verdict))
+		return verdict;
 
 	/* The helpers above may have moved the packet: bound-check again. */
 	data = (void *)(long)skb->data;
@@ -39,11 +47,21 @@ int cil_from_netdev(struct __sk_buff *skb)
 	ip = data + sizeof(struct ethhdr);
 	if (!PKT_HAS(data, data_end, sizeof(struct ethhdr), sizeof(*ip)))
 		return send_drop(skb, DROP_INVALID, METRIC_INGRESS);
-	daddr = ip->daddr;
 
-	ep = lookup_pod(daddr);
-	if (ep)
+	/* NodePort, LoadBalancer and external IP frontends. */
+	if (!reversed && nodeport_lb4(skb, ip, &verdict))
+		return verdict;
+
+	ep = lookup_pod(ip->daddr);
+	if (ep) {
+		/* Native routing: a backend on another node answering one of our pods. */
+		if (!reversed) {
+			ret = lb4_rev_nat(skb, &ct_flags);
+			if (ret < 0)
+				return send_drop(skb, ret, METRIC_INGRESS);
+		}
 		return deliver_to_pod(skb, ep, METRIC_INGRESS);
+	}
 
 to_stack:
 	update_metrics(skb->len, METRIC_INGRESS, 0);

@@ -11,6 +11,9 @@
 #include "endpoint.h"
 #include "ipcache.h"
 #include "tunnel.h"
+#include "nat.h"
+#include "fib.h"
+#include "lb.h"
 
 static __always_inline int handle_arp(struct __sk_buff *skb)
 {
@@ -74,6 +77,9 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb)
 	struct endpoint_info *src, *dst;
 	struct endpoint_key key = {};
 	__u32 ifindex = skb->ifindex;
+	struct nat_pkt p = {};
+	__u16 ct_flags = 0;
+	int ret;
 
 	if (!PKT_HAS(data, data_end, sizeof(*eth), sizeof(*ip)))
 		return send_drop(skb, DROP_INVALID, METRIC_EGRESS);
@@ -86,6 +92,26 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb)
 	src = bpf_map_lookup_elem(&cilia_lxc_if, &ifindex);
 	if (src && ip->saddr != src->ip4)
 		return send_drop(skb, DROP_INVALID_SIP, METRIC_EGRESS);
+
+	/* Services first, so everything after (and policy, later) sees the backend. A
+	 * packet to no frontend may be a backend's reply to a flow balanced on this node. */
+	if (lb4_parse(skb, ip, &p) == 0) {
+		ret = lb4_from_pod(skb, &p);
+		if (ret == 1) {
+			ret = lb4_rev_nat(skb, &ct_flags);
+			/* North-south reply, now from the node's own address: the stack would
+			 * drop it as martian, so it leaves through the FIB. */
+			if (ret == 0 && (ct_flags & CT_F_NODEPORT))
+				return fib_redirect_v4(skb, METRIC_EGRESS);
+		}
+		if (ret < 0)
+			return send_drop(skb, ret, METRIC_EGRESS);
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		ip = data + sizeof(*eth);
+		if (!PKT_HAS(data, data_end, sizeof(*eth), sizeof(*ip)))
+			return send_drop(skb, DROP_INVALID, METRIC_EGRESS);
+	}
 
 	/* Traffic for the node itself always goes up the stack, even if an endpoint entry
 	 * for that address exists without EP_F_HOST. */
@@ -127,9 +153,22 @@ int cil_from_container(struct __sk_buff *skb)
 	}
 }
 
+/* Packets the stack routes into a pod (bpf_redirect_peer deliveries skip this hook):
+ * replies of balanced flows still get their frontend back. */
 SEC("tc")
 int cil_to_container(struct __sk_buff *skb)
 {
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	__u16 ct_flags = 0;
+	int ret;
+
+	if (PKT_HAS(data, data_end, 0, sizeof(*eth)) && eth->h_proto == bpf_htons(ETH_P_IP)) {
+		ret = lb4_rev_nat(skb, &ct_flags);
+		if (ret < 0)
+			return send_drop(skb, ret, METRIC_INGRESS);
+	}
 	update_metrics(skb->len, METRIC_INGRESS, 0);
 	return TC_ACT_OK;
 }

@@ -12,6 +12,8 @@
 #include "endpoint.h"
 #include "ipcache.h"
 #include "tunnel.h"
+#include "nat.h"
+#include "nodeport.h"
 
 /* Decapsulated packets: pods on this node get them straight, the rest (node IP, router
  * IP) go up the stack. */
@@ -24,6 +26,9 @@ int cil_from_overlay(struct __sk_buff *skb)
 	struct iphdr *ip = data + sizeof(*eth);
 	struct endpoint_info *ep;
 	__u32 src_identity = 0;
+	bool reversed = false;
+	__u16 ct_flags = 0;
+	int ret, verdict;
 
 	if (!PKT_HAS(data, data_end, 0, sizeof(*eth)))
 		return send_drop(skb, DROP_INVALID, METRIC_INGRESS);
@@ -38,9 +43,34 @@ int cil_from_overlay(struct __sk_buff *skb)
 	if (!src_identity)
 		return send_drop(skb, DROP_INVALID_IDENTITY, METRIC_INGRESS);
 
+	/* A remote backend's reply to a NodePort flow we SNATed: back to its client. */
+	if (ip->daddr == CONFIG.node_ip4) {
+		ret = snat_v4_ingress(skb, ip);
+		if (ret < 0)
+			return send_drop(skb, ret, METRIC_INGRESS);
+		if (ret == 0) {
+			if (nodeport_rev_lb4(skb, METRIC_INGRESS, &verdict))
+				return verdict;
+			reversed = true;
+		}
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		eth = data;
+		ip = data + sizeof(*eth);
+		if (!PKT_HAS(data, data_end, sizeof(*eth), sizeof(*ip)))
+			return send_drop(skb, DROP_INVALID, METRIC_INGRESS);
+	}
+
 	ep = lookup_pod(ip->daddr);
-	if (ep)
+	if (ep) {
+		/* A service backend on another node answering our pod: restore the frontend. */
+		if (!reversed) {
+			ret = lb4_rev_nat(skb, &ct_flags);
+			if (ret < 0)
+				return send_drop(skb, ret, METRIC_INGRESS);
+		}
 		return deliver_to_pod(skb, ep, METRIC_INGRESS);
+	}
 
 	/* The inner destination MAC is the sender's idea of a router (its lxc or its own
 	 * vxlan MAC), never ours: without this the stack discards the packet as OTHERHOST. */

@@ -24,8 +24,11 @@ struct cilia_config {
 	__u16 nat_port_min;       /* host byte order, inclusive */
 	__u16 nat_port_max;       /* host byte order, inclusive */
 	__u16 pad;
+	/* Service load balancing. */
+	__u32 lb_hairpin_ip4;     /* source of hairpinned flows (169.254.42.1), network order */
+	__u32 lb_maglev_m;        /* Maglev table size M (a prime, Cilium's default 16381) */
 };
-_Static_assert(sizeof(struct cilia_config) == 48, "cilia_config ABI");
+_Static_assert(sizeof(struct cilia_config) == 56, "cilia_config ABI");
 
 #define ROUTING_NATIVE 0
 #define ROUTING_TUNNEL 1
@@ -120,5 +123,115 @@ struct nat_entry4 {
 	__u32 last_seen;
 };
 _Static_assert(sizeof(struct nat_entry4) == 16, "nat_entry4 ABI");
+
+/* -- Service load balancing (Cilium's lb4 maps) ---------------------------------------
+ * cilia_lb4_services: one entry per (frontend, scope, slot). Slot 0 describes the service,
+ * slots 1..count name its active backends, so picking a backend is one lookup by slot. */
+#define LB_SCOPE_EXT 0 /* north-south, and east-west unless the service has two scopes */
+#define LB_SCOPE_INT 1 /* east-west when SVC_F2_TWO_SCOPES (ETP/ITP Local split the sets) */
+
+struct lb4_key {
+	__u32 address;       /* frontend IPv4, network byte order */
+	__u16 dport;         /* frontend port, network byte order */
+	__u16 backend_slot;  /* 0 = the service entry, 1..count = backends */
+	__u8  proto;         /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8  scope;         /* LB_SCOPE_* */
+	__u8  pad[2];
+};
+_Static_assert(sizeof(struct lb4_key) == 12, "lb4_key ABI");
+
+/* flags: Cilium's SVC_FLAG_* bit numbers. */
+#define SVC_F_EXTERNAL_IP     0x01
+#define SVC_F_NODEPORT        0x02
+#define SVC_F_EXT_LOCAL_SCOPE 0x04 /* externalTrafficPolicy=Local */
+#define SVC_F_HOSTPORT        0x08
+#define SVC_F_AFFINITY        0x10 /* sessionAffinity=ClientIP */
+#define SVC_F_LOADBALANCER    0x20
+#define SVC_F_ROUTABLE        0x40 /* reachable from outside the cluster (not ClusterIP only) */
+/* flags2 */
+#define SVC_F2_INT_LOCAL_SCOPE 0x10 /* internalTrafficPolicy=Local */
+#define SVC_F2_TWO_SCOPES      0x20 /* an LB_SCOPE_INT entry exists for east-west traffic */
+#define SVC_F2_MAGLEV          0x80 /* cilia: Maglev selection for this service */
+
+struct lb4_service {
+	__u32 backend_id;       /* slots >= 1: the backend; slot 0: unused */
+	__u16 count;            /* slot 0: active backends (slots 1..count) */
+	__u16 rev_nat_index;    /* slot 0: key of cilia_lb4_reverse_nat and the Maglev table */
+	__u8  flags;            /* SVC_F_* */
+	__u8  flags2;           /* SVC_F2_* */
+	__u16 pad;
+	__u32 affinity_timeout; /* seconds, with SVC_F_AFFINITY */
+};
+_Static_assert(sizeof(struct lb4_service) == 16, "lb4_service ABI");
+
+#define BE_STATE_ACTIVE      0
+#define BE_STATE_TERMINATING 1 /* keeps established flows, gets no new ones */
+
+struct lb4_backend {
+	__u32 address;       /* network byte order */
+	__u16 port;          /* network byte order */
+	__u8  proto;
+	__u8  state;         /* BE_STATE_* */
+};
+_Static_assert(sizeof(struct lb4_backend) == 8, "lb4_backend ABI");
+
+struct lb4_reverse_nat {
+	__u32 address;       /* frontend, network byte order */
+	__u16 port;          /* network byte order */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct lb4_reverse_nat) == 8, "lb4_reverse_nat ABI");
+
+/* cilia_lb4_maglev: outer key; each scope has its own backend set, hence its own table. */
+struct lb4_maglev_key {
+	__u16 rev_nat_index;
+	__u8  scope;
+	__u8  pad;
+};
+_Static_assert(sizeof(struct lb4_maglev_key) == 4, "lb4_maglev_key ABI");
+
+struct lb4_affinity_key {
+	__u32 client_ip;     /* network byte order */
+	__u16 rev_nat_index;
+	__u16 pad;
+};
+_Static_assert(sizeof(struct lb4_affinity_key) == 8, "lb4_affinity_key ABI");
+
+struct lb4_affinity_val {
+	__u32 backend_id;
+	__u32 last_used;     /* seconds of CLOCK_MONOTONIC */
+};
+_Static_assert(sizeof(struct lb4_affinity_val) == 8, "lb4_affinity_val ABI");
+
+/* cilia_ct4_global: service conntrack. Two entries per flow: the SERVICE entry, keyed by
+ * the tuple the client sent (to the frontend), pins the backend; the REPLY entry, keyed
+ * by the tuple replies carry (backend -> client, after any reverse SNAT), names the
+ * frontend to restore. Cilium's ipv4_ct_tuple field order. */
+#define CT_TUPLE_REPLY   0x1
+#define CT_TUPLE_SERVICE 0x4
+
+struct ct4_key {
+	__u32 daddr;         /* network byte order */
+	__u32 saddr;
+	__u16 dport;         /* network byte order */
+	__u16 sport;
+	__u8  nexthdr;
+	__u8  flags;         /* CT_TUPLE_* */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct ct4_key) == 16, "ct4_key ABI");
+
+#define CT_F_HAIRPIN  0x1 /* client == backend: source was rewritten to lb_hairpin_ip4 */
+#define CT_F_NODEPORT 0x2 /* north-south: replies leave through the uplink (FIB) */
+#define CT_F_SNAT     0x4 /* north-south to a remote backend: source SNATed to the node IP */
+
+struct ct4_entry {
+	__u32 backend_id;
+	__u16 rev_nat_index;
+	__u16 flags;         /* CT_F_* */
+	__u32 created;       /* seconds of CLOCK_MONOTONIC */
+	__u32 last_seen;
+};
+_Static_assert(sizeof(struct ct4_entry) == 16, "ct4_entry ABI");
 
 #endif

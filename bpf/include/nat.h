@@ -256,14 +256,15 @@ static __always_inline int snat_v4_egress(struct __sk_buff *skb, const struct ip
 }
 
 /* Reverse SNAT of a reply to the node IP. 0 when translated, 1 when the packet belongs to
- * no masqueraded flow (the host's own traffic), or a DROP_* reason. */
+ * no masqueraded flow (the host's own traffic), or a DROP_* reason. NodePort's SNAT to
+ * remote backends shares the table, so this runs with masquerade off too. */
 static __always_inline int snat_v4_ingress(struct __sk_buff *skb, const struct iphdr *ip)
 {
 	struct nat_pkt p = {};
 	struct nat_entry4 *orig, to;
 	__u32 now;
 
-	if (!CONFIG.masquerade || ip->daddr != CONFIG.node_ip4)
+	if (!CONFIG.node_ip4 || ip->daddr != CONFIG.node_ip4)
 		return 1;
 	/* Anything we cannot parse as a masqueraded reply is the host's business. */
 	if (nat_parse(skb, ip, NAT_DIR_INGRESS, ICMP_ECHOREPLY, &p))

@@ -90,7 +90,7 @@ def test_wrong_python_types_are_refused_at_open(pin_dir):
 
 
 def test_wrong_rodata_type_is_refused(pin_dir):
-    with pytest.raises(ValueError, match="CONFIG is 48 bytes"):
+    with pytest.raises(ValueError, match="CONFIG is 56 bytes"):
         BpfObject.open(find_object("bpf_lxc.o"), pin_dir, rodata=abi.metrics_value())
 
 

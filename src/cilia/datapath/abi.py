@@ -30,6 +30,27 @@ IPCACHE_F_REMOTE_NODE = 0x1
 NAT_DIR_EGRESS = 1
 NAT_DIR_INGRESS = 2
 
+# Service load balancing (bpf/include/abi.h; flag bits are Cilium's SVC_FLAG_*).
+LB_SCOPE_EXT = 0
+LB_SCOPE_INT = 1
+SVC_F_EXTERNAL_IP = 0x01
+SVC_F_NODEPORT = 0x02
+SVC_F_EXT_LOCAL_SCOPE = 0x04
+SVC_F_HOSTPORT = 0x08
+SVC_F_AFFINITY = 0x10
+SVC_F_LOADBALANCER = 0x20
+SVC_F_ROUTABLE = 0x40
+SVC_F2_INT_LOCAL_SCOPE = 0x10
+SVC_F2_TWO_SCOPES = 0x20
+SVC_F2_MAGLEV = 0x80
+BE_STATE_ACTIVE = 0
+BE_STATE_TERMINATING = 1
+CT_TUPLE_REPLY = 0x1
+CT_TUPLE_SERVICE = 0x4
+CT_F_HAIRPIN = 0x1
+CT_F_NODEPORT = 0x2
+CT_F_SNAT = 0x4
+
 
 class cilia_config(Structure):
     _fields_ = [
@@ -48,6 +69,8 @@ class cilia_config(Structure):
         ("nat_port_min", c_uint16),
         ("nat_port_max", c_uint16),
         ("pad", c_uint16),
+        ("lb_hairpin_ip4", c_uint32),
+        ("lb_maglev_m", c_uint32),
     ]
 
 
@@ -110,9 +133,76 @@ class nat_entry4(Structure):
     ]
 
 
+class lb4_key(Structure):
+    _fields_ = [
+        ("address", c_uint32),
+        ("dport", c_uint16),
+        ("backend_slot", c_uint16),
+        ("proto", c_uint8),
+        ("scope", c_uint8),
+        ("pad", c_uint8 * 2),
+    ]
+
+
+class lb4_service(Structure):
+    _fields_ = [
+        ("backend_id", c_uint32),
+        ("count", c_uint16),
+        ("rev_nat_index", c_uint16),
+        ("flags", c_uint8),
+        ("flags2", c_uint8),
+        ("pad", c_uint16),
+        ("affinity_timeout", c_uint32),
+    ]
+
+
+class lb4_backend(Structure):
+    _fields_ = [("address", c_uint32), ("port", c_uint16), ("proto", c_uint8), ("state", c_uint8)]
+
+
+class lb4_reverse_nat(Structure):
+    _fields_ = [("address", c_uint32), ("port", c_uint16), ("pad", c_uint16)]
+
+
+class lb4_maglev_key(Structure):
+    _fields_ = [("rev_nat_index", c_uint16), ("scope", c_uint8), ("pad", c_uint8)]
+
+
+class lb4_affinity_key(Structure):
+    _fields_ = [("client_ip", c_uint32), ("rev_nat_index", c_uint16), ("pad", c_uint16)]
+
+
+class lb4_affinity_val(Structure):
+    _fields_ = [("backend_id", c_uint32), ("last_used", c_uint32)]
+
+
+class ct4_key(Structure):
+    _fields_ = [
+        ("daddr", c_uint32),
+        ("saddr", c_uint32),
+        ("dport", c_uint16),
+        ("sport", c_uint16),
+        ("nexthdr", c_uint8),
+        ("flags", c_uint8),
+        ("pad", c_uint16),
+    ]
+
+
+class ct4_entry(Structure):
+    _fields_ = [
+        ("backend_id", c_uint32),
+        ("rev_nat_index", c_uint16),
+        ("flags", c_uint16),
+        ("created", c_uint32),
+        ("last_seen", c_uint32),
+    ]
+
+
 MIRRORS: tuple[type[Structure], ...] = (
     cilia_config, endpoint_key, endpoint_info, metrics_key, metrics_value,
     ipcache_key, ipcache_value, nat_key4, nat_entry4,
+    lb4_key, lb4_service, lb4_backend, lb4_reverse_nat, lb4_maglev_key, lb4_affinity_key,
+    lb4_affinity_val, ct4_key, ct4_entry,
 )
 
 

@@ -222,6 +222,12 @@ BTF_KIND_VAR, BTF_KIND_DATASEC = 14, 15
 BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY = 1, 2
 BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY = 5, 6
 BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_LRU_PERCPU_HASH, BPF_MAP_TYPE_LPM_TRIE = 9, 10, 11
+BPF_MAP_TYPE_ARRAY_OF_MAPS, BPF_MAP_TYPE_HASH_OF_MAPS = 12, 13
+BPF_F_INNER_MAP = 1 << 12
+# enum bpf_attach_type (cgroup sock_addr hooks used by socket-level load balancing)
+BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_UDP4_SENDMSG = 10, 14
+BPF_CGROUP_UDP4_RECVMSG, BPF_CGROUP_INET4_GETPEERNAME = 19, 29
+BPF_F_ALLOW_MULTI = 2
 PERCPU_MAP_TYPES = {BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH}
 
 
@@ -260,6 +266,9 @@ _lib_obj_pin = _fn("bpf_obj_pin", c_int, c_int, c_char_p)
 _lib_map_create = _fn(
     "bpf_map_create", c_int, c_int, c_char_p, c_uint32, c_uint32, c_uint32, POINTER(bpf_map_create_opts)
 )
+_lib_map_get_fd_by_id = _fn("bpf_map_get_fd_by_id", c_int, c_uint32)
+_lib_prog_attach = _fn("bpf_prog_attach", c_int, c_int, c_int, c_int, c_uint)
+_lib_prog_detach2 = _fn("bpf_prog_detach2", c_int, c_int, c_int, c_int)
 _lib_obj_info = _fn("bpf_obj_get_info_by_fd", c_int, c_int, _p, POINTER(c_uint32))
 _lib_lookup = _fn("bpf_map_lookup_elem", c_int, c_int, _p, _p)
 _lib_update = _fn("bpf_map_update_elem", c_int, c_int, _p, _p, c_uint64)
@@ -426,6 +435,20 @@ def map_create(map_type: int, name: str, key_size: int, value_size: int, max_ent
         _lib_map_create(map_type, name.encode(), key_size, value_size, max_entries, ctypes.byref(opts)),
         f"bpf_map_create {name}",
     )
+
+
+def map_get_fd_by_id(map_id: int) -> int:
+    """An fd for the map with kernel id map_id (the caller closes it)."""
+    return _check(_lib_map_get_fd_by_id(map_id), f"bpf_map_get_fd_by_id {map_id}")
+
+
+def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) -> None:
+    _check(_lib_prog_attach(prog_fd, target_fd, attach_type, flags), f"bpf_prog_attach type {attach_type}")
+
+
+def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """0, or -errno for the caller to judge (-ENOENT: not attached)."""
+    return _lib_prog_detach2(prog_fd, target_fd, attach_type)
 
 
 def map_info_by_fd(fd: int) -> bpf_map_info:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import abi, tc
+from . import lb as lbmod
+from .lb import LBBackend, LBService, ServiceTable  # noqa: F401  (the agent's LB API types)
 from .loader import BpfObject
 from .reasons import reason_name
 
@@ -44,16 +46,17 @@ _MAP_TYPES = {
     MAP_IPCACHE: (abi.ipcache_key, abi.ipcache_value),
     MAP_SNAT: (abi.nat_key4, abi.nat_entry4),
     MAP_SNAT_REV: (abi.nat_key4, abi.nat_entry4),
+    **lbmod.MAP_TYPES,
 }
 # Every object is loaded with the same pin root, so a map pinned by the first is reused
 # by the others: they all see one set of maps.
+# Service translation happens in all three (pod egress, overlay and uplink delivery), so
+# every object carries the LB, conntrack and NAT maps.
+_ALL_MAPS = (MAP_LXC, MAP_LXC_IF, MAP_METRICS, MAP_IPCACHE, MAP_SNAT, MAP_SNAT_REV, *lbmod.MAP_TYPES)
 _OBJECTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    LXC_OBJECT: ((PROG_FROM_CONTAINER, PROG_TO_CONTAINER),
-                 (MAP_LXC, MAP_LXC_IF, MAP_METRICS, MAP_IPCACHE)),
-    OVERLAY_OBJECT: ((PROG_FROM_OVERLAY, PROG_TO_OVERLAY),
-                     (MAP_LXC, MAP_LXC_IF, MAP_METRICS, MAP_IPCACHE)),
-    HOST_OBJECT: ((PROG_FROM_NETDEV, PROG_TO_NETDEV),
-                  (MAP_LXC, MAP_LXC_IF, MAP_METRICS, MAP_IPCACHE, MAP_SNAT, MAP_SNAT_REV)),
+    LXC_OBJECT: ((PROG_FROM_CONTAINER, PROG_TO_CONTAINER), _ALL_MAPS),
+    OVERLAY_OBJECT: ((PROG_FROM_OVERLAY, PROG_TO_OVERLAY), _ALL_MAPS),
+    HOST_OBJECT: ((PROG_FROM_NETDEV, PROG_TO_NETDEV), _ALL_MAPS),
 }
 _PROG_OBJECT = {p: o for o, (progs, _) in _OBJECTS.items() for p in progs}
 _MAP_OBJECT = {m: o for o, (_, maps) in reversed(list(_OBJECTS.items())) for m in maps}
@@ -61,34 +64,8 @@ _DIRECTION_NAMES = {abi.METRIC_INGRESS: "INGRESS", abi.METRIC_EGRESS: "EGRESS"}
 _PROTO_NAMES = {socket.IPPROTO_TCP: "TCP", socket.IPPROTO_UDP: "UDP", socket.IPPROTO_ICMP: "ICMP"}
 
 
-# -- address encoding (maps hold IPv4 in network byte order, MACs as 6 bytes) --------
-
-def ip4_to_be32(ip: str) -> int:
-    """The u32 whose in-memory bytes are the address in network order."""
-    return struct.unpack("=I", socket.inet_aton(ip))[0]
-
-
-def be32_to_ip4(value: int) -> str:
-    return socket.inet_ntoa(struct.pack("=I", value))
-
-
-def mac_to_bytes(mac: str) -> bytes:
-    b = bytes(int(x, 16) for x in mac.split(":"))
-    if len(b) != 6:
-        raise ValueError(f"bad MAC address {mac!r}")
-    return b
-
-
-def bytes_to_mac(b) -> str:
-    return ":".join(f"{x:02x}" for x in bytes(b))
-
-
-def port_to_be16(port: int) -> int:
-    return struct.unpack("=H", struct.pack("!H", port))[0]
-
-
-def be16_to_port(value: int) -> int:
-    return struct.unpack("!H", struct.pack("=H", value))[0]
+# Address encodings live in addr.py; re-exported here, where callers always found them.
+from .addr import be16_to_port, be32_to_ip4, bytes_to_mac, ip4_to_be32, mac_to_bytes, port_to_be16  # noqa: E402,F401
 
 
 @dataclass
@@ -105,12 +82,18 @@ class NodeConfig:
     masquerade: bool = False
     nat_port_min: int = NAT_PORT_MIN
     nat_port_max: int = NAT_PORT_MAX
+    # Service load balancing: source address of hairpinned flows (a pod reaching itself
+    # through a service) and the Maglev table size M (one of lb.MAGLEV_SIZES).
+    lb_hairpin_ip4: str = lbmod.HAIRPIN_IP4
+    maglev_table_size: int = lbmod.MAGLEV_DEFAULT_M
 
     def to_abi(self) -> abi.cilia_config:
         if self.routing not in ROUTING_MODES:
             raise ValueError(f"routing must be one of {sorted(ROUTING_MODES)}, not {self.routing!r}")
         if not 1 <= self.nat_port_min <= self.nat_port_max <= 65535:
             raise ValueError(f"bad NAT port range {self.nat_port_min}-{self.nat_port_max}")
+        if self.maglev_table_size not in lbmod.MAGLEV_SIZES:
+            raise ValueError(f"maglev_table_size must be one of {lbmod.MAGLEV_SIZES}, not {self.maglev_table_size}")
         net = ipaddress.IPv4Network(self.pod_cidr4, strict=False)
         cluster = ipaddress.IPv4Network(self.cluster_cidr4, strict=False)
         return abi.cilia_config(
@@ -128,6 +111,8 @@ class NodeConfig:
             masquerade=1 if self.masquerade else 0,
             nat_port_min=self.nat_port_min,
             nat_port_max=self.nat_port_max,
+            lb_hairpin_ip4=ip4_to_be32(self.lb_hairpin_ip4) if self.lb_hairpin_ip4 else 0,
+            lb_maglev_m=self.maglev_table_size,
         )
 
 
@@ -356,6 +341,48 @@ class NodeDatapath:
                 })
         return sorted(out, key=lambda e: (e["direction"] != "OUT", e["protocol"], e["saddr"], e["sport"],
                                           e["daddr"], e["dport"]))
+
+    # -- service load balancing ---------------------------------------------
+    @property
+    def lb(self) -> ServiceTable:
+        return ServiceTable(self._map, self.config.maglev_table_size)
+
+    def upsert_service(self, rev_nat_index: int, address: str, port: int, proto, backends: list[LBBackend], *,
+                       kind: str = "ClusterIP", scope: str = "external", algorithm: str = "random",
+                       maglev_table: list[int] | None = None, affinity_timeout: int = 0,
+                       local_only: bool = False) -> None:
+        """One frontend (address:port/proto) in one scope. ``scope="internal"`` is the
+        separate east-west backend set of a frontend whose external set differs (ETP or
+        ITP Local); a frontend with one set uses only "external", for both directions.
+        ``local_only`` marks that set as node-local (ETP/ITP Local: the caller passes only
+        this node's backends). ``maglev_table`` (len == config.maglev_table_size, ids of
+        active backends) is required with algorithm="maglev" when there are backends.
+        ``affinity_timeout`` > 0 turns on ClientIP session affinity (seconds)."""
+        self.lb.upsert_service(LBService(rev_nat_index, address, port, proto, list(backends), kind=kind,
+                                         scope=scope, algorithm=algorithm, maglev_table=maglev_table,
+                                         affinity_timeout=affinity_timeout, local_only=local_only))
+
+    def upsert_services(self, services: list[LBService]) -> None:
+        """Many frontends in a few batched map writes (full resync)."""
+        self.lb.upsert_services(services)
+
+    def delete_service(self, address: str, port: int, proto, scope: str = "external") -> bool:
+        return self.lb.delete_service(address, port, proto, scope)
+
+    def delete_backend(self, backend_id: int) -> bool:
+        return self.lb.delete_backend(backend_id)
+
+    def services(self) -> list[dict]:
+        return self.lb.services()
+
+    def lb_backends(self) -> dict[int, dict]:
+        return self.lb.backends()
+
+    def maglev_table(self, rev_nat_index: int, scope: str = "external") -> list[int] | None:
+        return self.lb.maglev_table(rev_nat_index, scope)
+
+    def ct_entries(self) -> list[dict]:
+        return self.lb.ct_entries()
 
     # -- endpoints ---------------------------------------------------------
     def upsert_endpoint(self, ep: EndpointEntry) -> None:
