@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from cilia.k8s.deployments import expand_deployment, pod_template_hash
 from cilia.k8s.registry import KINDS, resolve_resource
 from cilia.kvstore import MAX_TXN_OPS, SyncStore
+from cilia.loadbalancer.ipam import (ALLOC_PREFIX, DEFAULT_LB_POOL, DEFAULT_SERVICE_CIDR, Ranges,
+                                     check_requested, parse_claim_key, wants_node_ports)
 from cilia.objects import Conflict, decode, encode, key, prefix
 
 
@@ -136,6 +138,9 @@ class Cluster:
             spec["nodeName"] = target
             load[target] += 1
 
+        services: dict | None = None   # loaded on the first Service, then kept current
+        claims: dict = {}
+
         for obj in objs:
             kind, md = obj["kind"], obj["metadata"]
             name, ns = md["name"], md.get("namespace")
@@ -174,6 +179,20 @@ class Cluster:
             elif kind == "Deployment":
                 w, action = self._plan_deployment(obj, cur, all_pods, schedule)
                 writes += w
+                changes.append(Change(kind, name, action))
+            elif kind == "Service":
+                if services is None:
+                    services = {(o["metadata"].get("namespace") or "default", o["metadata"]["name"]): o
+                                for o in self.list("Service")}
+                    claims = self._claims()
+                o, action = self._plan_service(obj, cur, services, claims)
+                if o is not None:
+                    writes.append((key(pl, ns, name), encode(o)))
+                changes.append(Change(kind, name, action))
+            elif kind == "EndpointSlice":
+                o, action = _plan_endpointslice(obj, cur)
+                if o is not None:
+                    writes.append((key(pl, ns, name), encode(o)))
                 changes.append(Change(kind, name, action))
             else:
                 raise ApplyError(f"{kind} {name}: kind: apply is not supported for this kind")
@@ -214,6 +233,66 @@ class Cluster:
             writes.append((key("deployments", ns, name), encode(dep)))
         action = "created" if cur is None else ("unchanged" if same and not writes else "configured")
         return writes, action
+
+    def service_ranges(self) -> Ranges:
+        """The running operator's ranges (it publishes them with its heartbeat), else defaults."""
+        kv = self.store.get("/cilia/operator/v1/status")
+        st = decode(kv.value) if kv is not None else {}
+        try:
+            return Ranges(st.get("serviceCIDR") or DEFAULT_SERVICE_CIDR, st.get("lbPool") or DEFAULT_LB_POOL)
+        except ValueError:
+            return Ranges()
+
+    def _claims(self) -> dict:
+        kvs, _ = self.store.list(ALLOC_PREFIX)
+        out: dict = {}
+        for kv in kvs:
+            parsed = parse_claim_key(kv.key)
+            if parsed is not None:
+                out.setdefault(parsed[0], {})[parsed[1]] = decode(kv.value)
+        return out
+
+    def _plan_service(self, obj: dict, cur: dict | None, services: dict, claims: dict):
+        """Server side of a Service apply: allocated fields survive a re-apply that omits
+        them (as kubectl apply's merge keeps them), clusterIP is immutable, and a requested
+        ClusterIP or NodePort that is taken or out of range is refused before any write.
+        Allocation of unset ones is the operator's job."""
+        md = obj["metadata"]
+        ns, name = md["namespace"], md["name"]
+        new = _server_fields(copy.deepcopy(obj))
+        spec = new["spec"]
+        if cur is not None:
+            cspec = cur.get("spec") or {}
+            new["metadata"]["uid"] = cur["metadata"]["uid"]
+            new["metadata"]["creationTimestamp"] = cur["metadata"]["creationTimestamp"]
+            ccip = cspec.get("clusterIP")
+            if spec.get("clusterIP") and ccip and spec["clusterIP"] != ccip:
+                raise ApplyError(f'Service {ns}/{name}: spec.clusterIP: Invalid value: '
+                                 f'"{spec["clusterIP"]}": field is immutable')
+            if not spec.get("clusterIP") and ccip:
+                spec["clusterIP"], spec["clusterIPs"] = ccip, [ccip]
+            if wants_node_ports(new):
+                for p in spec.get("ports") or []:
+                    if p.get("nodePort"):
+                        continue
+                    for cp in cspec.get("ports") or []:
+                        same = (cp.get("port"), cp.get("protocol")) == (p["port"], p["protocol"]) or \
+                            (p.get("name") and cp.get("name") == p.get("name"))
+                        if same and cp.get("nodePort"):
+                            p["nodePort"] = cp["nodePort"]
+                            break
+            new["status"] = copy.deepcopy(cur.get("status") or {"loadBalancer": {}})
+        else:
+            new["status"] = {"loadBalancer": {}}
+        problem = check_requested(new, cur, services, claims, self.service_ranges())
+        if problem:
+            raise ApplyError(f"Service {ns}/{name}: {problem}")
+        services[(ns, name)] = new
+        if cur is not None and _spec_equal(cur, new) and \
+                (cur["metadata"].get("annotations") or {}) == (new["metadata"].get("annotations") or {}):
+            return None, "unchanged"
+        new["metadata"].pop("resourceVersion", None)
+        return new, "created" if cur is None else "configured"
 
     def apply(self, objs: list[dict]) -> list[Change]:
         writes, changes = self.plan_apply(objs, self.ready_nodes() or self._all_nodes())
@@ -259,6 +338,11 @@ class Cluster:
                        for r in p["metadata"].get("ownerReferences", [])):
                     if self.mark_pod_deleted(ns, p["metadata"]["name"]):
                         pending.append((ns, p["metadata"]["name"]))
+        elif kind in ("Service", "EndpointSlice"):
+            # The operator releases a service's addresses and removes its managed slices.
+            if not self.store.delete(key(plural(kind), ns, name)):
+                raise ApplyError(f'Error from server (NotFound): {plural(kind)}'
+                                 f'{"" if kind == "Service" else ".discovery.k8s.io"} "{name}" not found')
         elif kind == "Namespace":
             if name in ("default", "kube-system"):
                 raise ApplyError(f'namespace "{name}": forbidden: this namespace may not be deleted')
@@ -266,6 +350,9 @@ class Cluster:
                 raise ApplyError(f'Error from server (NotFound): namespaces "{name}" not found')
             for d in self.list("Deployment", name):
                 self.store.delete(key("deployments", name, d["metadata"]["name"]))
+            for kind_ in ("Service", "EndpointSlice"):
+                for o in self.list(kind_, name):
+                    self.store.delete(key(plural(kind_), name, o["metadata"]["name"]))
             for p in self.list("Pod", name):
                 if self.mark_pod_deleted(name, p["metadata"]["name"]):
                     pending.append((name, p["metadata"]["name"]))
@@ -298,6 +385,19 @@ def _deployment_status(d: dict, pods: list[dict]) -> None:
     ready = sum(1 for p in mine if pod_ready(p))
     d["status"] = {"replicas": len(mine), "readyReplicas": ready, "availableReplicas": ready,
                    "updatedReplicas": len(mine)}
+
+
+def _plan_endpointslice(obj: dict, cur: dict | None) -> tuple[dict | None, str]:
+    new = _server_fields(copy.deepcopy(obj))
+    if cur is None:
+        return new, "created"
+    new["metadata"]["uid"] = cur["metadata"]["uid"]
+    new["metadata"]["creationTimestamp"] = cur["metadata"]["creationTimestamp"]
+    fields = ("addressType", "endpoints", "ports")
+    if all(cur.get(f) == new.get(f) for f in fields) and all(
+            (cur["metadata"].get(m) or {}) == (new["metadata"].get(m) or {}) for m in ("labels", "annotations")):
+        return None, "unchanged"
+    return new, "configured"
 
 
 def _spec_equal(cur: dict, new: dict) -> bool:

@@ -9,6 +9,7 @@ from cilia.cli.agent_cmd import bpf, endpoint, identity, status
 from cilia.cli.context import CLIError
 from cilia.cli.k8s_cmd import apply, delete, exec_, get, wait
 from cilia.cli.lab_cmd import lab
+from cilia.cli.service_cmd import service
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,7 +28,7 @@ def version() -> None:
     click.echo(f"cilia {VERSION}")
 
 
-for cmd in (lab, apply, delete, get, exec_, wait, status, endpoint, bpf, identity):
+for cmd in (lab, apply, delete, get, exec_, wait, status, endpoint, bpf, identity, service):
     cli.add_command(cmd)
 
 

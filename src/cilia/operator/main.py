@@ -1,6 +1,8 @@
 """cilia-operator: the per-cluster control loop that talks only to the store.
 
 Pod CIDR allocation reacts to watch events (node registrations, Node objects, ipam keys);
+the service controller (services.py) allocates ClusterIPs, NodePorts and LoadBalancer IPs and
+derives EndpointSlices, also from watch events;
 identity GC runs on a timer; a heartbeat keeps /cilia/operator/v1/status alive under the
 operator's lease so `cilia status` can tell a live operator from a dead one.
 Several operators may run at once: every write is a compare-and-swap.
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from cilia.agent.supervisor import Supervisor
 from cilia.kvstore import Compacted, LeaseNotFound, Store, StoreUnavailable, open_store
 
+from cilia.loadbalancer.ipam import DEFAULT_LB_POOL, DEFAULT_SERVICE_CIDR, Ranges
+
 from .identity_gc import DEFAULT_GRACE, DEFAULT_INTERVAL, IdentityGC
 from .podcidr import (
     DEFAULT_CLUSTER_CIDR,
@@ -31,6 +35,7 @@ from .podcidr import (
     PodCIDRAllocator,
     check_pool,
 )
+from .services import ServiceController
 
 log = logging.getLogger("cilia.operator")
 
@@ -48,6 +53,8 @@ class OperatorConfig:
     identity_gc_grace: float = DEFAULT_GRACE
     lease_ttl: int = LEASE_TTL
     heartbeat: float = HEARTBEAT
+    service_cidr: str = DEFAULT_SERVICE_CIDR
+    lb_pool: str = DEFAULT_LB_POOL
 
 
 class Operator:
@@ -56,6 +63,7 @@ class Operator:
         self.config = config or OperatorConfig()
         self.podcidr = PodCIDRAllocator(store, self.config.cluster_cidr, self.config.node_cidr_mask_size)
         self.gc = IdentityGC(store, self.config.identity_gc_grace)
+        self.services = ServiceController(store, Ranges(self.config.service_cidr, self.config.lb_pool))
         self.lease = 0
         self._dirty = asyncio.Event()
         self.reconciles = 0
@@ -66,6 +74,7 @@ class Operator:
             sup.add(f"watch {prefix}", lambda p=prefix: self.watch_loop(p))
         sup.add("podcidr", self.reconcile_loop)
         sup.add("identity-gc", self.gc_loop)
+        self.services.add_tasks(sup)
 
     async def watch_loop(self, prefix: str) -> None:
         """Turns store changes under prefix into reconcile requests; never polls."""
@@ -123,6 +132,8 @@ class Operator:
             "host": socket.gethostname(),
             "clusterCIDR": self.config.cluster_cidr,
             "nodeCIDRMaskSize": self.config.node_cidr_mask_size,
+            "serviceCIDR": self.config.service_cidr,
+            "lbPool": self.config.lb_pool,
         }, sort_keys=True).encode()
 
     async def heartbeat_loop(self) -> None:
@@ -177,12 +188,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds between identity GC runs (default %(default)s)")
     p.add_argument("--identity-gc-grace", type=float, default=DEFAULT_GRACE,
                    help="seconds an identity must stay unreferenced before it is deleted (default %(default)s)")
+    p.add_argument("--service-cidr", default=DEFAULT_SERVICE_CIDR,
+                   help="ClusterIP range (default %(default)s)")
+    p.add_argument("--lb-pool", default=DEFAULT_LB_POOL,
+                   help="LoadBalancer ingress IP pool (default %(default)s)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
     try:
         check_pool(args.cluster_cidr, args.node_cidr_mask_size)
     except ValueError as e:
         p.error(f"--cluster-cidr/--node-cidr-mask-size: {e}")
+    try:
+        Ranges(args.service_cidr, args.lb_pool)
+    except ValueError as e:
+        p.error(f"--service-cidr/--lb-pool: {e}")
     if args.identity_gc_interval <= 0 or args.identity_gc_grace < 0:
         p.error("--identity-gc-interval must be > 0 and --identity-gc-grace >= 0")
     try:
@@ -201,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         node_cidr_mask_size=args.node_cidr_mask_size,
         identity_gc_interval=args.identity_gc_interval,
         identity_gc_grace=args.identity_gc_grace,
+        service_cidr=args.service_cidr,
+        lb_pool=args.lb_pool,
     )
     return asyncio.run(run(args.store, config))
 
