@@ -44,6 +44,8 @@ static __always_inline int fib_redirect_v4(struct __sk_buff *skb, __u8 dir)
 	} else {
 		fib.ifindex = skb->ifindex;
 	}
+	/* The kernel answers FWD_DISABLED unless the uplink forwards (ip_forward=1), output
+	 * lookup or not: a node that balances services must be a router anyway. */
 	ret = bpf_fib_lookup(skb, &fib, sizeof(fib), flags);
 	if (ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return send_drop(skb, DROP_NO_FIB, dir);
