@@ -1,0 +1,206 @@
+"""Policy map entries: the ABI shared with the datapath, and how entries are built.
+
+Map ABI
+=======
+One BPF_MAP_TYPE_LPM_TRIE named ``cilia_policy`` (BPF_F_NO_PREALLOC, suggested
+max_entries 65536), shared by every endpoint of the node::
+
+    struct cilia_policy_key {        /* 16 bytes */
+        __u32 prefixlen;             /* host order: bits of the data below that matter   */
+        __be16 ep_id;                /* endpoint id                                      */
+        __u8  direction;             /* 0 ingress, 1 egress                              */
+        __u8  proto;                 /* IP protocol, 0 = any                             */
+        __be32 identity;             /* peer security identity, 0 = any                  */
+        __be16 dport;                /* destination port (ICMP: type), prefix-matched    */
+        __u16 pad;                   /* always 0, never covered by prefixlen             */
+    };
+    struct cilia_policy_value {      /* 8 bytes */
+        __u8  flags;                 /* ALLOW = 1, DENY = 2 (both may be set)            */
+        __u8  pad1;
+        __u16 pad2;
+        __u32 rule_cookie;           /* host order; names the rule (PolicyEngine.rule_source) */
+    };
+
+Every field after prefixlen is big-endian (network order): the LPM trie compares key bits
+most-significant first in memory order, so only big-endian fields make "the first N bits
+of dport" the high bits of the port number. The packet's dport is already in that order
+and can be copied as is; ep_id and identity need bpf_htons/bpf_htonl. An entry's
+prefixlen is 64 + the port prefix length (0..16): ep_id, direction, proto and identity
+are always matched exactly.
+
+Datapath algorithm, per packet and direction, when the packet does not belong to a
+tracked connection (replies of connections conntrack already allowed pass without a
+lookup; that is the datapath's conntrack, not this map):
+
+    key = {prefixlen 80, ep_id, direction, proto, identity, dport}   (ICMP: dport = type)
+    look up 4 keys: (identity, proto), (identity, 0), (0, proto), (0, 0), full dport each
+    any hit has DENY  -> drop (policy denied)
+    any hit has ALLOW -> pass
+    otherwise         -> drop (default deny)
+
+A direction that is not enforced has an (identity 0, proto 0, port/0) ALLOW entry, so
+the algorithm needs no separate "enforced" flag; audit mode is an endpoint flag of the
+datapath (drop verdicts become "audit" and the packet passes), not part of this map.
+
+Why the engine propagates flags: an LPM lookup returns only the most specific prefix, so
+within one (ep, direction, identity, proto) the engine ORs the flags of every covering
+(less specific) port prefix into the more specific entries; a DENY on "all ports" is
+then still seen by a lookup that hits an ALLOW on port 80.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Iterable
+
+from .models import PROTO_ANY
+from .ports import PORT_BITS
+
+MAP_NAME = "cilia_policy"
+MAX_ENTRIES = 65536
+ALLOW = 1
+DENY = 2
+KEY_SIZE = 16
+VALUE_SIZE = 8
+FIXED_BITS = 64  # ep_id + direction + proto + identity
+LOOKUP_PREFIXLEN = FIXED_BITS + PORT_BITS
+
+# Cookies of entries the engine adds by itself; rule cookies start above them.
+COOKIE_NOT_ENFORCED = 1
+COOKIE_ALLOW_LOCALHOST = 2
+FIRST_RULE_COOKIE = 16
+
+_KEY = struct.Struct("<I")
+_KEY_DATA = struct.Struct(">HBBIHH")
+_VALUE = struct.Struct("<BBHI")
+
+
+def port_mask(port: int, plen: int) -> int:
+    return (port >> (PORT_BITS - plen)) << (PORT_BITS - plen) if plen else 0
+
+
+@dataclass(frozen=True, order=True)
+class EntryKey:
+    direction: int
+    identity: int
+    proto: int
+    port: int
+    plen: int  # port prefix length, 0..16
+
+    def pack(self, ep_id: int) -> bytes:
+        return (_KEY.pack(FIXED_BITS + self.plen)
+                + _KEY_DATA.pack(ep_id, self.direction, self.proto, self.identity, self.port, 0))
+
+
+@dataclass(frozen=True)
+class EntryValue:
+    flags: int
+    cookie: int
+
+    def pack(self) -> bytes:
+        return _VALUE.pack(self.flags, 0, 0, self.cookie)
+
+
+def lookup_key(ep_id: int, direction: int, identity: int, proto: int, port: int) -> bytes:
+    return _KEY.pack(LOOKUP_PREFIXLEN) + _KEY_DATA.pack(ep_id, direction, proto, identity, port, 0)
+
+
+def unpack_key(data: bytes) -> tuple[int, int, int, int, int, int]:
+    """-> (prefixlen, ep_id, direction, proto, identity, dport)"""
+    (prefixlen,) = _KEY.unpack_from(data)
+    ep_id, direction, proto, identity, port, _ = _KEY_DATA.unpack_from(data, 4)
+    return prefixlen, ep_id, direction, proto, identity, port
+
+
+def unpack_value(data: bytes) -> EntryValue:
+    flags, _, _, cookie = _VALUE.unpack(data)
+    return EntryValue(flags, cookie)
+
+
+Entries = dict[EntryKey, EntryValue]
+# raw provenance: key -> (allow cookies, deny cookies) of the rules that produced it
+Provenance = dict[EntryKey, tuple[frozenset[int], frozenset[int]]]
+
+
+def lpm(entries: Entries, direction: int, identity: int, proto: int, port: int) -> tuple[EntryKey, EntryValue] | None:
+    for plen in range(PORT_BITS, -1, -1):
+        key = EntryKey(direction, identity, proto, port_mask(port, plen), plen)
+        value = entries.get(key)
+        if value is not None:
+            return key, value
+    return None
+
+
+def lookup4(entries: Entries, direction: int, identity: int, proto: int, port: int) -> list[tuple[EntryKey, EntryValue]]:
+    """The datapath's four lookups; the hits, most specific bucket first."""
+    hits = []
+    # identity or proto 0 makes some of the four keys equal; a hit is still one hit.
+    for ident, pr in dict.fromkeys(((identity, proto), (identity, PROTO_ANY), (0, proto), (0, PROTO_ANY))):
+        hit = lpm(entries, direction, ident, pr, port)
+        if hit is not None:
+            hits.append(hit)
+    return hits
+
+
+def verdict_flags(hits: Iterable[tuple[EntryKey, EntryValue]]) -> int:
+    flags = 0
+    for _, v in hits:
+        flags |= v.flags
+    return flags
+
+
+class MapStateBuilder:
+    """Collects (key, flag, cookie) from rules; finalize() applies LPM semantics."""
+
+    def __init__(self) -> None:
+        self._raw: dict[EntryKey, tuple[set[int], set[int]]] = {}
+
+    def add(self, key: EntryKey, flag: int, cookie: int) -> None:
+        entry = self._raw.get(key)
+        if entry is None:
+            entry = self._raw[key] = (set(), set())
+        (entry[1] if flag == DENY else entry[0]).add(cookie)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def finalize(self, prune: bool = True) -> tuple[Entries, Provenance]:
+        provenance: Provenance = {k: (frozenset(a), frozenset(d)) for k, (a, d) in self._raw.items()}
+        buckets: dict[tuple[int, int, int], dict[tuple[int, int], tuple[set[int], set[int]]]] = {}
+        for k, v in self._raw.items():
+            buckets.setdefault((k.direction, k.identity, k.proto), {})[(k.port, k.plen)] = v
+        full: dict[EntryKey, tuple[int, int]] = {}
+        for (d, ident, proto), bucket in buckets.items():
+            for (port, plen), (allow, deny) in bucket.items():
+                allow_all, deny_all = set(allow), set(deny)
+                for lp in range(plen):
+                    anc = bucket.get((port_mask(port, lp), lp))
+                    if anc is not None:
+                        allow_all |= anc[0]
+                        deny_all |= anc[1]
+                flags = (ALLOW if allow_all else 0) | (DENY if deny_all else 0)
+                cookie = min(deny_all) if deny_all else min(allow_all)
+                full[EntryKey(d, ident, proto, port, plen)] = (flags, cookie)
+        entries = {k: EntryValue(f, c) for k, (f, c) in full.items()}
+        if prune:
+            entries = {k: v for k, v in entries.items() if not _redundant(k, v, entries)}
+        return entries, provenance
+
+
+def _covering(entries: Entries, direction: int, identity: int, proto: int, port: int, plen: int, flag: int) -> bool:
+    for lp in range(plen + 1):
+        v = entries.get(EntryKey(direction, identity, proto, port_mask(port, lp), lp))
+        if v is not None and v.flags & flag:
+            return True
+    return False
+
+
+def _redundant(k: EntryKey, v: EntryValue, entries: Entries) -> bool:
+    """An entry the verdict never depends on: a more general bucket that the datapath
+    always looks up too already covers its whole port range with DENY (if it denies) or
+    ALLOW (if it only allows). Entries in the (0, 0) bucket are never redundant, so every
+    pruned entry is covered by a chain ending at a kept one."""
+    companions = [(i, p) for i in {k.identity, 0} for p in {k.proto, PROTO_ANY}
+                  if (i, p) != (k.identity, k.proto)]
+    flag = DENY if v.flags & DENY else ALLOW
+    return any(_covering(entries, k.direction, i, p, k.port, k.plen, flag) for i, p in companions)
