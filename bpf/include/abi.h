@@ -234,4 +234,21 @@ struct ct4_entry {
 };
 _Static_assert(sizeof(struct ct4_entry) == 16, "ct4_entry ABI");
 
+/* cilia_lb4_reverse_sk: socket-level LB. A socket connected (or sending) to a frontend
+ * was given the backend instead; recvmsg/getpeername show the frontend again. */
+struct lb4_sk_rev_key {
+	__u64 cookie;        /* bpf_get_socket_cookie() */
+	__u32 address;       /* backend, network byte order */
+	__u16 port;          /* backend, network byte order */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct lb4_sk_rev_key) == 16, "lb4_sk_rev_key ABI");
+
+struct lb4_sk_rev_val {
+	__u32 address;       /* frontend, network byte order */
+	__u16 port;
+	__u16 rev_nat_index;
+};
+_Static_assert(sizeof(struct lb4_sk_rev_val) == 8, "lb4_sk_rev_val ABI");
+
 #endif

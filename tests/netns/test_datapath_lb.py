@@ -210,3 +210,53 @@ def test_etp_local_nodeport_keeps_client_ip_and_skips_nodes_without_backends(top
     assert client(t.world, "tcp", NODE_IPS[1], NODEPORT, 1, WORLD_IP)[0][0] == "ERR"
     drops = {m["reason"]: m["packets"] for m in t.dps[1].metrics() if m["direction"] == "INGRESS"}
     assert drops.get(158, 0) >= 1, drops
+
+
+CGROUP2 = "/sys/fs/cgroup/unified" if os.path.isdir("/sys/fs/cgroup/unified") else "/sys/fs/cgroup"
+
+
+def client_in_cgroup(cg: str, ns: str, *args: str) -> list[tuple[str, ...]]:
+    # The process joins the cgroup before it execs the client, so every socket it opens
+    # is subject to the cgroup's programs.
+    import sys
+    out = sh("sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec nsenter --net=/run/netns/{ns} -- "$@"', "sh",
+             sys.executable, "-c", CLIENT, *args, timeout=120)
+    return [tuple(line.split()) for line in out.splitlines()]
+
+
+def test_socket_lb_translates_at_connect_time(topo):
+    t = topo("tunnel", nodes=1)
+    cl = t.add_pod("client", 1, 11)
+    b1, b2 = t.add_pod("b1", 1, 21), t.add_pod("b2", 1, 22)
+    t.load(socket_lb=True)
+    dp = t.dps[1]
+    for name in ("b1", "b2"):
+        t.start(t.pods[name]["ns"], SERVER, "8080", "5353")
+    dp.upsert_service(1, VIP, 80, 6, [LBBackend(1, b1, 8080), LBBackend(2, b2, 8080)])
+    dp.upsert_service(2, VIP, 53, 17, [LBBackend(3, b1, 5353, 17), LBBackend(4, b2, 5353, 17)])
+    cg = f"{CGROUP2}/cilia-test-{t.tag}"
+    os.mkdir(cg)
+    try:
+        dp.attach_cgroup(cg)
+        attached = json.loads(sh("bpftool", "-j", "cgroup", "show", cg))
+        assert sorted(a["attach_type"] for a in attached) == ["cgroup_inet4_connect", "cgroup_inet4_getpeername",
+                                                              "cgroup_udp4_recvmsg", "cgroup_udp4_sendmsg"]
+
+        ns = t.pods["client"]["ns"]
+        rows = client_in_cgroup(cg, ns, "tcp", VIP, "80", "40")
+        assert {r[0] for r in rows} == {VIP}, "getpeername shows the frontend"
+        assert {r[2] for r in rows} == {cl}
+        assert {r[1] for r in rows} == {b1, b2}, rows
+        udp = client_in_cgroup(cg, ns, "udp", VIP, "53", "20")
+        assert {r[0] for r in udp} == {VIP}, "recvfrom shows the frontend"
+        assert {r[1] for r in udp} == {b1, b2}
+        # No packet ever carried the frontend address: tc had nothing to translate.
+        assert not [e for e in ct_dump(t.pins[1]) if e["key"]["daddr"] == be32(VIP)]
+
+        # Control: the same client outside the cgroup is balanced per packet by tc.
+        assert {r[1] for r in client(ns, "tcp", VIP, 80, 10)} <= {b1, b2}
+        assert [e for e in ct_dump(t.pins[1]) if e["key"]["daddr"] == be32(VIP)]
+        assert dp.detach_cgroup(cg) == 4
+        assert json.loads(sh("bpftool", "-j", "cgroup", "show", cg).strip() or "[]") == []
+    finally:
+        os.rmdir(cg)

@@ -17,14 +17,17 @@ OBJECTS = sorted((ROOT / "build").glob("*.o"))
 pytestmark = pytest.mark.skipif(shutil.which("bpftool") is None, reason="bpftool reads the BTF")
 
 
-DATAPATH_OBJECTS = ("bpf_lxc.o", "bpf_overlay.o", "bpf_host.o")
+DATAPATH_OBJECTS = ("bpf_lxc.o", "bpf_overlay.o", "bpf_host.o", "bpf_sock.o")
+_SOCK_ONLY = {"lb4_sk_rev_key", "lb4_sk_rev_val"}
 # Which mirrored structs each object must carry (a struct an object stops using would
 # silently escape the check otherwise).
 USES = {
     # Service translation (and its NAT/conntrack state) runs in all three objects.
-    "bpf_lxc.o": {m.__name__ for m in abi.MIRRORS},
-    "bpf_overlay.o": {m.__name__ for m in abi.MIRRORS},
-    "bpf_host.o": {m.__name__ for m in abi.MIRRORS},
+    "bpf_lxc.o": {m.__name__ for m in abi.MIRRORS} - _SOCK_ONLY,
+    "bpf_overlay.o": {m.__name__ for m in abi.MIRRORS} - _SOCK_ONLY,
+    "bpf_host.o": {m.__name__ for m in abi.MIRRORS} - _SOCK_ONLY,
+    # Every map is declared in every object that includes the LB headers.
+    "bpf_sock.o": {m.__name__ for m in abi.MIRRORS},
 }
 
 

@@ -198,11 +198,19 @@ class ct4_entry(Structure):
     ]
 
 
+class lb4_sk_rev_key(Structure):
+    _fields_ = [("cookie", c_uint64), ("address", c_uint32), ("port", c_uint16), ("pad", c_uint16)]
+
+
+class lb4_sk_rev_val(Structure):
+    _fields_ = [("address", c_uint32), ("port", c_uint16), ("rev_nat_index", c_uint16)]
+
+
 MIRRORS: tuple[type[Structure], ...] = (
     cilia_config, endpoint_key, endpoint_info, metrics_key, metrics_value,
     ipcache_key, ipcache_value, nat_key4, nat_entry4,
     lb4_key, lb4_service, lb4_backend, lb4_reverse_nat, lb4_maglev_key, lb4_affinity_key,
-    lb4_affinity_val, ct4_key, ct4_entry,
+    lb4_affinity_val, ct4_key, ct4_entry, lb4_sk_rev_key, lb4_sk_rev_val,
 )
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import abi, tc
+from . import libbpf as _libbpf
 from . import lb as lbmod
 from .lb import LBBackend, LBService, ServiceTable  # noqa: F401  (the agent's LB API types)
 from .loader import BpfObject
@@ -21,12 +22,18 @@ from .reasons import reason_name
 LXC_OBJECT = "bpf_lxc.o"
 OVERLAY_OBJECT = "bpf_overlay.o"
 HOST_OBJECT = "bpf_host.o"
+SOCK_OBJECT = "bpf_sock.o"  # socket-level LB, loaded only with NodeConfig.socket_lb
 PROG_FROM_CONTAINER = "cil_from_container"
 PROG_TO_CONTAINER = "cil_to_container"
 PROG_FROM_OVERLAY = "cil_from_overlay"
 PROG_TO_OVERLAY = "cil_to_overlay"
 PROG_FROM_NETDEV = "cil_from_netdev"
 PROG_TO_NETDEV = "cil_to_netdev"
+PROG_SOCK_CONNECT = "cil_sock4_connect"
+PROG_SOCK_SENDMSG = "cil_sock4_sendmsg"
+PROG_SOCK_RECVMSG = "cil_sock4_recvmsg"
+PROG_SOCK_GETPEERNAME = "cil_sock4_getpeername"
+MAP_SK_REV = "cilia_lb4_reverse_sk"
 MAP_LXC = "cilia_lxc"
 MAP_LXC_IF = "cilia_lxc_if"
 MAP_METRICS = "cilia_metrics"
@@ -47,6 +54,7 @@ _MAP_TYPES = {
     MAP_SNAT: (abi.nat_key4, abi.nat_entry4),
     MAP_SNAT_REV: (abi.nat_key4, abi.nat_entry4),
     **lbmod.MAP_TYPES,
+    MAP_SK_REV: (abi.lb4_sk_rev_key, abi.lb4_sk_rev_val),
 }
 # Every object is loaded with the same pin root, so a map pinned by the first is reused
 # by the others: they all see one set of maps.
@@ -57,7 +65,16 @@ _OBJECTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     LXC_OBJECT: ((PROG_FROM_CONTAINER, PROG_TO_CONTAINER), _ALL_MAPS),
     OVERLAY_OBJECT: ((PROG_FROM_OVERLAY, PROG_TO_OVERLAY), _ALL_MAPS),
     HOST_OBJECT: ((PROG_FROM_NETDEV, PROG_TO_NETDEV), _ALL_MAPS),
+    SOCK_OBJECT: ((PROG_SOCK_CONNECT, PROG_SOCK_SENDMSG, PROG_SOCK_RECVMSG, PROG_SOCK_GETPEERNAME),
+                  (*_ALL_MAPS, MAP_SK_REV)),
 }
+# Where each cgroup program attaches (socket-level LB).
+_SOCK_ATTACH = (
+    (PROG_SOCK_CONNECT, _libbpf.BPF_CGROUP_INET4_CONNECT),
+    (PROG_SOCK_SENDMSG, _libbpf.BPF_CGROUP_UDP4_SENDMSG),
+    (PROG_SOCK_RECVMSG, _libbpf.BPF_CGROUP_UDP4_RECVMSG),
+    (PROG_SOCK_GETPEERNAME, _libbpf.BPF_CGROUP_INET4_GETPEERNAME),
+)
 _PROG_OBJECT = {p: o for o, (progs, _) in _OBJECTS.items() for p in progs}
 _MAP_OBJECT = {m: o for o, (_, maps) in reversed(list(_OBJECTS.items())) for m in maps}
 _DIRECTION_NAMES = {abi.METRIC_INGRESS: "INGRESS", abi.METRIC_EGRESS: "EGRESS"}
@@ -86,6 +103,9 @@ class NodeConfig:
     # through a service) and the Maglev table size M (one of lb.MAGLEV_SIZES).
     lb_hairpin_ip4: str = lbmod.HAIRPIN_IP4
     maglev_table_size: int = lbmod.MAGLEV_DEFAULT_M
+    # Also load bpf_sock.o (cgroup connect4/sendmsg4/recvmsg4/getpeername4); the agent
+    # then attaches it with attach_cgroup() to a cgroup v2 holding this node's pods.
+    socket_lb: bool = False
 
     def to_abi(self) -> abi.cilia_config:
         if self.routing not in ROUTING_MODES:
@@ -197,7 +217,8 @@ class NodeDatapath:
         already pinned under pin_dir are reused with their contents (the datapath keeps
         forwarding across agent restarts) or, if their layout changed, refused with
         PinnedMapMismatch. Nothing is attached here: attach_* decide where programs run."""
-        paths = {name: find_object(name, self.obj_dir) for name in _OBJECTS}
+        paths = {name: find_object(name, self.obj_dir) for name in _OBJECTS
+                 if name != SOCK_OBJECT or self.config.socket_lb}
         os.makedirs(self.pin_dir, exist_ok=True)
         rodata = self.config.to_abi()
         objs: dict[str, BpfObject] = {}
@@ -268,6 +289,28 @@ class NodeDatapath:
     def detach_overlay(self, ifindex: int) -> None:
         tc.tc_detach(ifindex, "ingress")
         tc.tc_detach(ifindex, "egress")
+
+    def attach_cgroup(self, cgroup_path: str) -> None:
+        """Socket-level LB for every process in the cgroup v2 directory (and below).
+        BPF_F_ALLOW_MULTI: other programs on the cgroup keep running; attaching again
+        after a reload adds the new programs, so detach_cgroup the old ones first."""
+        if not self.config.socket_lb:
+            raise RuntimeError("socket-level LB is off (NodeConfig.socket_lb)")
+        fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for prog, attach_type in _SOCK_ATTACH:
+                _libbpf.prog_attach(self.program_fd(prog), fd, attach_type, _libbpf.BPF_F_ALLOW_MULTI)
+        finally:
+            os.close(fd)
+
+    def detach_cgroup(self, cgroup_path: str) -> int:
+        """Detach this load's socket programs; returns how many were attached."""
+        fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return sum(1 for prog, attach_type in _SOCK_ATTACH
+                       if _libbpf.prog_detach(self.program_fd(prog), fd, attach_type) == 0)
+        finally:
+            os.close(fd)
 
     def attach_netdev(self, ifindex: int) -> None:
         """The uplink: reverse SNAT and pod delivery in, masquerade out."""
