@@ -133,9 +133,17 @@ def test_identities_agree_everywhere(lab):
 
 
 def stream(lab: Lab, src: str, dst_ip: str, seconds: float) -> subprocess.Popen:
-    return subprocess.Popen([CILIA, "exec", src, "--", sys.executable, "-c", STREAM, dst_ip,
-                             str(seconds)], env=lab.env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    """A TCP ping-pong stream from a pod, returned once it is connected (so the store or an
+    agent can go away underneath it)."""
+    p = subprocess.Popen([CILIA, "exec", src, "--", sys.executable, "-c", STREAM, dst_ip,
+                          str(seconds)], env=lab.env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    first = p.stdout.readline()
+    if first.strip() != "connected":
+        p.kill()
+        out, err = p.communicate()
+        raise AssertionError(f"stream did not connect: {first}{out}{err}")
+    return p
 
 
 def finish(p: subprocess.Popen, timeout: float) -> str:

@@ -135,6 +135,7 @@ STREAM = r"""
 import socket, sys, time
 s = socket.create_connection((sys.argv[1], 8080), timeout=2)
 s.settimeout(2)
+print("connected", flush=True)
 sent = errors = 0
 worst = 0.0
 end = time.time() + float(sys.argv[2])

@@ -9,6 +9,7 @@ from cilia.cli.agent_cmd import bpf, endpoint, identity, status
 from cilia.cli.context import CLIError
 from cilia.cli.k8s_cmd import apply, delete, exec_, get, wait
 from cilia.cli.lab_cmd import lab
+from cilia.kvstore import KVStoreError
 from cilia.cli.service_cmd import service
 
 
@@ -42,6 +43,9 @@ def main() -> int:
         return e.exit_code
     except CLIError as e:
         e.show()
+        return 1
+    except KVStoreError as e:
+        click.echo(f"error: cluster store unreachable: {e}", err=True)
         return 1
     except click.ClickException as e:
         # Usage errors: one line, as everywhere else.
