@@ -56,8 +56,8 @@ def summary(d):
 
 def test_cluster_ip_backends_and_states():
     d = entries(service())
-    assert list(d) == [Frontend("10.96.0.10", 80, 6, "internal")]
-    e = d[Frontend("10.96.0.10", 80, 6, "internal")]
+    assert list(d) == [Frontend("10.96.0.10", 80, 6)]
+    e = d[Frontend("10.96.0.10", 80, 6)]
     # ready -> active, terminating-but-serving -> terminating, neither -> left out
     assert e.backends == (B_LOCAL, B_REMOTE, B_TERM)
     assert e.kind == "ClusterIP" and e.algorithm == "random" and e.affinity_timeout == 0
@@ -73,7 +73,7 @@ def test_internal_traffic_policy_local_keeps_local_backends():
 def test_node_port_on_node_and_router_ip():
     d = entries(service(stype="NodePort", externalTrafficPolicy="Cluster"))
     assert summary(d) == {
-        ("10.96.0.10:80/TCP/i", "ClusterIP"): (("10.244.1.5", "10.244.2.5", "10.244.2.6"), False),
+        ("10.96.0.10:80/TCP", "ClusterIP"): (("10.244.1.5", "10.244.2.5", "10.244.2.6"), False),
         ("172.29.0.11:30080/TCP", "NodePort"): (("10.244.1.5", "10.244.2.5", "10.244.2.6"), False),
         ("10.244.1.1:30080/TCP", "NodePort"): (("10.244.1.5", "10.244.2.5", "10.244.2.6"), False),
     }
@@ -87,7 +87,7 @@ def test_external_traffic_policy_local_has_local_external_and_full_internal_twin
     assert ext.backends == (B_LOCAL,) and ext.local_only and ext.ext_traffic_policy == "Local"
     assert twin.backends == (B_LOCAL, B_REMOTE, B_TERM) and not twin.local_only
     # ClusterIP is not affected by ETP.
-    assert len(d[Frontend("10.96.0.10", 80, 6, "internal")].backends) == 3
+    assert len(d[Frontend("10.96.0.10", 80, 6)].backends) == 3
     # On a node without local backends the external frontend exists and has none (drop).
     other = desired_entries([service(stype="NodePort", externalTrafficPolicy="Local")],
                             [eslice(endpoints=[ep("10.244.2.5", "node2")])], "node1", NODE_IPS)
@@ -99,7 +99,7 @@ def test_load_balancer_ingress_and_external_ips():
     svc["status"]["loadBalancer"] = {"ingress": [{"ip": "172.30.0.1", "ipMode": "VIP"}]}
     d = entries(svc)
     kinds = {(str(fe), e.kind) for fe, e in d.items()}
-    assert kinds == {("10.96.0.10:80/TCP/i", "ClusterIP"), ("172.29.0.11:30080/TCP", "NodePort"),
+    assert kinds == {("10.96.0.10:80/TCP", "ClusterIP"), ("172.29.0.11:30080/TCP", "NodePort"),
                      ("10.244.1.1:30080/TCP", "NodePort"), ("172.30.0.1:80/TCP", "LoadBalancer"),
                      ("198.51.100.20:80/TCP", "ExternalIPs")}
     # ExternalIPs on a ClusterIP service too.
@@ -136,8 +136,8 @@ def test_ports_match_by_name_and_protocol_and_udp_numbers():
     sl = eslice(endpoints=[ep("10.244.1.9", "node1")],
                 ports=(("dns", 5353, "UDP"), ("dns-tcp", 5354, "TCP")))
     d = entries(svc, [sl])
-    assert d[Frontend("10.96.0.10", 53, 17, "internal")].backends == (Backend("10.244.1.9", 5353, 17, "active", "node1"),)
-    assert d[Frontend("10.96.0.10", 53, 6, "internal")].backends == (Backend("10.244.1.9", 5354, 6, "active", "node1"),)
+    assert d[Frontend("10.96.0.10", 53, 17)].backends == (Backend("10.244.1.9", 5353, 17, "active", "node1"),)
+    assert d[Frontend("10.96.0.10", 53, 6)].backends == (Backend("10.244.1.9", 5354, 6, "active", "node1"),)
 
 
 def test_backends_from_several_slices_and_unset_conditions():
@@ -179,3 +179,20 @@ def test_service_entries_is_pure_and_node_addresses_dedupes():
     assert service_entries(svc, [SLICE], "node1", NODE_IPS) == service_entries(svc, [SLICE], "node1", NODE_IPS)
     assert svc == before
     assert node_addresses("172.29.0.11", None, "10.244.1.1", "172.29.0.11") == ["172.29.0.11", "10.244.1.1"]
+
+
+def test_policies_decide_scopes():
+    # ETP Cluster, ITP Local: all backends from outside, only local ones east-west.
+    d = entries(service(stype="NodePort", externalTrafficPolicy="Cluster", internalTrafficPolicy="Local"))
+    assert d[Frontend("172.29.0.11", 30080, 6)].backends == (B_LOCAL, B_REMOTE, B_TERM)
+    twin = d[Frontend("172.29.0.11", 30080, 6, "internal")]
+    assert twin.backends == (B_LOCAL,) and twin.local_only
+    assert d[Frontend("10.96.0.10", 80, 6)].backends == (B_LOCAL,)
+    # Both Local: one set, so one (external) entry per frontend.
+    d = entries(service(stype="NodePort", externalTrafficPolicy="Local", internalTrafficPolicy="Local"))
+    assert all(fe.scope == "external" for fe in d) and all(e.backends == (B_LOCAL,) for e in d.values())
+
+
+def test_sctp_ports_are_not_programmed():
+    svc = service(ports=[{"name": "s", "port": 9, "protocol": "SCTP"}, {"name": "http", "port": 80, "protocol": "TCP"}])
+    assert list(entries(svc)) == [Frontend("10.96.0.10", 80, 6)]

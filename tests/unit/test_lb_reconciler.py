@@ -68,7 +68,7 @@ SL = eslice(endpoints=[ep("10.244.1.5", "node1"), ep("10.244.2.5", "node2")])
 def test_first_sync_programs_everything_then_nothing(dp, tmp_path):
     r = rec(dp, tmp_path)
     assert run(r.sync([SVC], [SL])) == 3
-    assert sorted(dp.services) == [("10.244.1.1", 30080, 6, "external"), ("10.96.0.10", 80, 6, "internal"),
+    assert sorted(dp.services) == [("10.244.1.1", 30080, 6, "external"), ("10.96.0.10", 80, 6, "external"),
                                    ("172.29.0.11", 30080, 6, "external")]
     assert len(dp.backends) == 2
     dp.calls.clear()
@@ -100,7 +100,7 @@ def test_service_type_change_and_removal_delete_frontends_and_ids(dp, tmp_path):
     run(r.sync([as_cluster_ip], [SL]))
     assert sorted(c for c in dp.calls if c[0] == "delete") == [
         ("delete", "10.244.1.1", 30080, 6, "external"), ("delete", "172.29.0.11", 30080, 6, "external")]
-    assert ("10.96.0.10", 80, 6, "internal") in dp.services
+    assert ("10.96.0.10", 80, 6, "external") in dp.services
     run(r.sync([], [SL]))
     assert dp.services == {} and dp.backends == {}
     assert len(r.revnat) == 0 and len(r.backend_ids) == 0
@@ -119,10 +119,10 @@ def test_ids_are_stable_across_restart_and_stale_entries_are_swept(dp, tmp_path)
     dp.calls.clear()
     r2 = rec(dp, tmp_path)
     run(r2.sync([service()], [SL]))
-    assert dp.services[("10.96.0.10", 80, 6, "internal")]["rev_nat"] == ids[("10.96.0.10", 80, 6, "internal")]
+    assert dp.services[("10.96.0.10", 80, 6, "external")]["rev_nat"] == ids[("10.96.0.10", 80, 6, "external")]
     assert sorted(dp.backends) == backend_ids
     assert sorted(c[1] for c in dp.calls if c[0] == "delete") == ["10.244.1.1", "172.29.0.11"]
-    assert list(dp.services) == [("10.96.0.10", 80, 6, "internal")]
+    assert list(dp.services) == [("10.96.0.10", 80, 6, "external")]
 
 
 def test_failed_upsert_is_reported_and_retried(tmp_path):
@@ -135,7 +135,7 @@ def test_failed_upsert_is_reported_and_retried(tmp_path):
     assert view["172.29.0.11"]["status"]["realized"] == view["172.29.0.11"]["spec"]
     dp.fail_on.clear()
     assert run(r.sync([SVC], [SL])) == 1   # only the failed one, without any input change
-    assert ("10.96.0.10", 80, 6, "internal") in dp.services and not r.errors
+    assert ("10.96.0.10", 80, 6, "external") in dp.services and not r.errors
 
 
 def test_maglev_table_flags_and_affinity_reach_the_datapath(dp, tmp_path):
@@ -158,7 +158,7 @@ def test_services_view_is_ciliums_model_and_lists(dp, tmp_path):
     view = r.services_view()
     assert [v["spec"]["id"] for v in view] == sorted(v["spec"]["id"] for v in view)
     cip = next(v for v in view if v["spec"]["flags"]["type"] == "ClusterIP")
-    assert cip["spec"]["frontend-address"] == {"ip": "10.96.0.10", "port": 80, "protocol": "TCP", "scope": "internal"}
+    assert cip["spec"]["frontend-address"] == {"ip": "10.96.0.10", "port": 80, "protocol": "TCP", "scope": "external"}
     assert cip["spec"]["backend-addresses"][0] == {"ip": "10.244.1.5", "port": 8080, "protocol": "TCP",
                                                    "state": "active", "nodeName": "node1", "weight": 100}
     assert cip["spec"]["flags"]["name"] == "web" and cip["spec"]["flags"]["namespace"] == "default"
@@ -167,7 +167,7 @@ def test_services_view_is_ciliums_model_and_lists(dp, tmp_path):
     assert rows[0] == ["ID", "Frontend", "Service Type", "Backend"]
     assert rows[1][2:] == ["NodePort", "1 => 10.244.1.5:8080/TCP (active)"]
     assert ["", "", "", "2 => 10.244.2.5:8080/TCP (active)"] in rows
-    assert any(r_[1] == "10.96.0.10:80/TCP/i" for r_ in rows)
+    assert any(r_[1] == "10.96.0.10:80/TCP" for r_ in rows)
 
 
 def test_id_allocator_cursor_wraps_and_persists(tmp_path):
@@ -206,3 +206,45 @@ def test_ten_thousand_services_resync_is_incremental(dp, tmp_path):
     elapsed = time.perf_counter() - t
     assert [c[0] for c in dp.calls] == ["upsert", "delete_backend"]
     assert elapsed < 0.5, elapsed
+
+
+class BatchingDatapath(RecordingDatapath):
+    """Also takes the datapath's batched call, with its real LBService/LBBackend values."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = 0
+
+    def upsert_services(self, specs):
+        self.batches += 1
+        for s in specs:
+            self.upsert_service(s.rev_nat_index, s.address, s.port, s.proto, s.backends, kind=s.kind,
+                                scope=s.scope, algorithm=s.algorithm, maglev_table=s.maglev_table,
+                                affinity_timeout=s.affinity_timeout, local_only=s.local_only)
+
+
+def test_full_resync_is_batched_with_the_datapaths_types(tmp_path):
+    from cilia.datapath.lb import LBBackend, LBService  # noqa: F401  (the real value types)
+    dp = BatchingDatapath()
+    r = LBReconciler(dp, str(tmp_path), "node1", NODE_IPS)
+    svcs = [service(f"s{i}", cip=f"10.96.1.{i + 1}", externalIPs=["198.51.100.1"] if i == 0 else [],
+                    ports=[{"name": "http", "port": 80, "protocol": "TCP"}]) for i in range(40)]
+    slices = [eslice(f"s{i}", [ep(f"10.244.1.{i + 1}", "node1")]) for i in range(40)]
+    run(r.sync(svcs, slices))
+    assert dp.batches == 1 and len(dp.services) == 41
+    assert all(isinstance(b, LBBackend) for b in dp.backends.values())
+    # Cilium calls them ExternalIPs; the datapath's kind is ExternalIP.
+    assert dp.services[("198.51.100.1", 80, 6, "external")]["kind"] == "ExternalIP"
+    assert r.services_view()[0]["spec"]["flags"]["type"] in ("ClusterIP", "ExternalIPs")
+    # A small change goes one by one.
+    run(r.sync(svcs[:39], slices))
+    assert dp.batches == 1 and len(dp.services) == 40 and ("10.96.1.40", 80, 6, "external") not in dp.services
+
+
+def test_maglev_without_active_backends_has_no_table(dp, tmp_path):
+    svc = service()
+    svc["metadata"]["annotations"] = {"service.cilium.io/lb-algorithm": "maglev"}
+    sl = eslice(endpoints=[ep("10.244.2.6", "node2", ready=False, serving=True, terminating=True)])
+    run(rec(dp, tmp_path).sync([svc], [sl]))
+    [s] = dp.services.values()
+    assert s["algorithm"] == "maglev" and s["maglev"] is None and len(s["backends"]) == 1

@@ -37,11 +37,11 @@ def test_watcher_programs_changes_from_store_events(tmp_path):
         w = ServiceWatcher(store, r, debounce=0.01)
         task = asyncio.create_task(w.run())
         try:
-            await until(lambda: ("10.96.0.10", 80, 6, "internal") in dp.services)
-            assert dp.services[("10.96.0.10", 80, 6, "internal")]["backends"] == []
+            await until(lambda: ("10.96.0.10", 80, 6, "external") in dp.services)
+            assert dp.services[("10.96.0.10", 80, 6, "external")]["backends"] == []
             await store.put(key("endpointslices", "default", "web-x"),
                             encode(eslice(endpoints=[ep("10.244.1.5", "node1")])))
-            await until(lambda: len(dp.services[("10.96.0.10", 80, 6, "internal")]["backends"]) == 1)
+            await until(lambda: len(dp.services[("10.96.0.10", 80, 6, "external")]["backends"]) == 1)
             await store.delete(key("services", "default", "web"))
             await until(lambda: not dp.services and not dp.backends)
             assert r.syncs >= 3

@@ -17,16 +17,20 @@ from cilia.loadbalancer.reconciler import LBReconciler
 from tests.unit.test_lb_desired import NODE_IPS, ep, eslice, service
 from tests.unit.test_lb_reconciler import RecordingDatapath
 
+# NodeDatapath.services() / ct_entries() shapes (src/cilia/datapath/lb.py).
 LB_MAP = [
-    {"address": "10.96.0.10", "port": 80, "proto": 6, "scope": "internal", "rev_nat_index": 2,
-     "kind": "ClusterIP", "algorithm": "maglev", "backends": [
-         {"id": 1, "address": "10.244.1.5", "port": 8080, "proto": 6, "state": "active"},
-         {"id": 2, "address": "10.244.2.6", "port": 8080, "proto": 6, "state": "terminating"}]},
-    {"address": "172.29.0.11", "port": 30080, "proto": 17, "scope": "external", "rev_nat_index": 1,
-     "kind": "NodePort", "local_only": True, "backends": []},
+    {"frontend": "10.96.0.10:80/TCP", "address": "10.96.0.10", "port": 80, "proto": "TCP", "scope": "external",
+     "kind": "ClusterIP", "rev_nat": 2, "count": 1, "flags": ["SessionAffinity"], "algorithm": "maglev",
+     "affinity_timeout": 30, "backends": [
+         {"slot": 1, "id": 1, "address": "10.244.1.5", "port": 8080, "state": "active"}]},
+    {"frontend": "172.29.0.11:30080/UDP", "address": "172.29.0.11", "port": 30080, "proto": "UDP",
+     "scope": "internal", "kind": "NodePort", "rev_nat": 1, "count": 0, "flags": ["NodePort", "Routable"],
+     "algorithm": "random", "affinity_timeout": 0, "backends": [
+         {"slot": 1, "id": 7, "address": "10.244.2.6", "port": 53, "state": "missing"}]},
 ]
-CT = [{"proto": 6, "direction": "out", "saddr": "10.244.1.5", "sport": 43562, "daddr": "10.96.0.10",
-       "dport": 80, "expires": 17, "rev_nat": 2, "backend_id": 1}]
+CT = [{"type": "service", "tuple": "TCP 10.244.1.5:43562 -> 10.96.0.10:80", "proto": "TCP",
+       "saddr": "10.244.1.5", "sport": 43562, "daddr": "10.96.0.10", "dport": 80, "rev_nat": 2,
+       "backend": 1, "flags": ["hairpin"], "created": 100, "last_seen": 103, "age": 5, "idle": 2}]
 
 
 @pytest.fixture
@@ -60,7 +64,7 @@ def test_service_list_columns(api):
     assert lines[0].split() == ["ID", "Frontend", "Service", "Type", "Backend"]
     assert lines[1].split() == ["1", "10.244.1.1:30080/TCP", "NodePort", "1", "=>", "10.244.1.5:8080/TCP", "(active)"]
     assert lines[2].strip() == "2 => 10.244.2.5:8080/TCP (active)"
-    assert any("10.96.0.10:80/TCP/i" in line and "ClusterIP" in line for line in lines)
+    assert any("10.96.0.10:80/TCP" in line and "ClusterIP" in line for line in lines)
     assert api == [("node2", "/v1/service")]
 
 
@@ -68,7 +72,7 @@ def test_service_get_json_is_ciliums_model(api):
     res = invoke("service", "get", "2", "-o", "json")
     body = json.loads(res.output)
     assert set(body) == {"spec", "status"}
-    assert body["spec"]["id"] == 2 and body["spec"]["frontend-address"]["scope"] == "internal"
+    assert body["spec"]["id"] == 2 and body["spec"]["frontend-address"]["scope"] == "external"
     assert body["spec"]["flags"]["type"] == "ClusterIP"
     assert body["status"]["realized"]["backend-addresses"][1]["nodeName"] == "node2"
     res = CliRunner().invoke(cli, ["service", "get", "99"])
@@ -82,16 +86,18 @@ def test_service_list_json(api):
 def test_bpf_lb_list(api):
     out = invoke("bpf", "lb", "list").output.splitlines()
     assert out[0].split() == ["SERVICE", "ADDRESS", "BACKEND", "ADDRESS", "(REVNAT_ID)", "(SLOT)"]
-    assert out[1].split()[:2] == ["10.96.0.10:80/TCP/i", "(2)"] and "[ClusterIP, maglev]" in out[1]
+    assert out[1].split()[:2] == ["10.96.0.10:80/TCP", "(2)"]
+    assert out[1].endswith("0.0.0.0:0 (2) (0) [SessionAffinity, Maglev, affinity 30s]")
     assert out[2].split() == ["10.244.1.5:8080/TCP", "(2)", "(1)"]
-    assert out[3].split() == ["10.244.2.6:8080/TCP", "(2)", "(2)", "[terminating]"]
-    assert out[4].startswith("172.29.0.11:30080/UDP (1)") and "[NodePort, local]" in out[4]
+    assert out[3].startswith("172.29.0.11:30080/UDP/i (1)") and out[3].endswith("[NodePort, Routable]")
+    assert out[4].split() == ["10.244.2.6:53/UDP", "(1)", "(1)", "[missing]"]
     assert json.loads(invoke("bpf", "lb", "list", "-o", "json").output) == LB_MAP
 
 
 def test_bpf_ct_list_global(api):
     out = invoke("bpf", "ct", "list", "global").output
-    assert out == "TCP OUT 10.244.1.5:43562 -> 10.96.0.10:80 expires=17 rev_nat=2 backend_id=1\n"
+    assert out == ("TCP SVC 10.244.1.5:43562 -> 10.96.0.10:80 RevNAT=2 BackendID=1 Flags=[hairpin] "
+                   "Created=100 LastSeen=103 Age=5 Idle=2\n")
     assert json.loads(invoke("bpf", "ct", "list", "global", "-o", "json").output) == CT
 
 

@@ -67,44 +67,50 @@ def service_get(ctx, ident: int, node: str | None, output: str) -> None:
 # --- bpf lb / bpf ct ------------------------------------------------------------------------
 
 def lb_rows(entries: list[dict]) -> list[list[str]]:
-    """`cilium bpf lb list`: the frontend with (rev-NAT id), its backends with (slot)."""
+    """`cilium bpf lb list`: each frontend scope with (rev-NAT id) and its flags, then its
+    backends with (rev-NAT id) (slot). Keys are NodeDatapath.services()'s."""
     rows = [["SERVICE ADDRESS", "BACKEND ADDRESS (REVNAT_ID) (SLOT)"]]
-    for e in sorted(entries, key=lambda e: (str(_first(e, "address", "ip", default="")),
-                                            _first(e, "port", default=0))):
-        addr = f"{_first(e, 'address', 'ip')}:{_first(e, 'port', default=0)}/{_proto(_first(e, 'proto', 'protocol'))}"
+    for e in entries:
+        proto = _proto(_first(e, "proto", "protocol"))
+        addr = f"{_first(e, 'address', 'ip')}:{_first(e, 'port', default=0)}/{proto}"
         if _first(e, "scope") == "internal":
             addr += "/i"
-        rev = _first(e, "rev_nat_index", "rev_nat", "revnat", default=0)
-        kind = _first(e, "kind", "type", default="")
-        extra = [str(kind)] if kind else []
-        if _first(e, "algorithm") == "maglev":
-            extra.append("maglev")
-        if _first(e, "local_only"):
-            extra.append("local")
+        rev = _first(e, "rev_nat", "rev_nat_index", default=0)
+        flags = list(_first(e, "flags", default=[]) or []) or [str(_first(e, "kind", default="ClusterIP"))]
+        if _first(e, "algorithm") == "maglev" and "Maglev" not in flags:
+            flags.append("Maglev")
         timeout = _first(e, "affinity_timeout", default=0)
         if timeout:
-            extra.append(f"sessionAffinity={timeout}s")
-        rows.append([f"{addr} ({rev})", f"0.0.0.0:0 ({rev}) (0) [{', '.join(extra)}]"])
-        for slot, b in enumerate(_first(e, "backends", default=[]) or [], start=1):
-            b_addr = f"{_first(b, 'address', 'ip')}:{_first(b, 'port', default=0)}/{_proto(_first(b, 'proto', 'protocol'))}"
+            flags.append(f"affinity {timeout}s")
+        rows.append([f"{addr} ({rev})", f"0.0.0.0:0 ({rev}) (0) [{', '.join(flags)}]"])
+        for i, b in enumerate(_first(e, "backends", default=[]) or [], start=1):
+            b_addr = f"{_first(b, 'address', 'ip')}:{_first(b, 'port', default=0)}/{_proto(_first(b, 'proto', default=proto))}"
             state = _first(b, "state", default="active")
-            note = f" [{state}]" if state and state != "active" else ""
-            rows.append(["", f"{b_addr} ({rev}) ({_first(b, 'slot', default=slot)}){note}"])
+            note = f" [{state}]" if state != "active" else ""
+            rows.append(["", f"{b_addr} ({rev}) ({_first(b, 'slot', default=i)}){note}"])
     return rows
 
 
-_CT_FIRST = ("proto", "protocol", "direction", "dir", "saddr", "src", "sport", "daddr", "dst", "dport")
+_CT_SHOWN = {"proto", "protocol", "type", "tuple", "saddr", "sport", "daddr", "dport"}
+_CT_NAMES = {"rev_nat": "RevNAT", "backend": "BackendID", "flags": "Flags", "age": "Age",
+             "idle": "Idle", "created": "Created", "last_seen": "LastSeen"}
 
 
 def format_ct(e: dict) -> str:
-    """One conntrack entry the way `cilium bpf ct list global` prints it; fields the
-    datapath reports beyond the tuple follow as Key=value."""
+    """One conntrack entry as `cilium bpf ct list global` prints it (SVC for the service
+    tuple of a load-balanced flow, OUT for its reply/forward state)."""
     proto = _proto(_first(e, "proto", "protocol"))
-    direction = str(_first(e, "direction", "dir", default="OUT")).upper()
+    kind = "SVC" if _first(e, "type") == "service" else str(_first(e, "direction", default="OUT")).upper()
     src = f"{_first(e, 'saddr', 'src')}:{_first(e, 'sport', default=0)}"
     dst = f"{_first(e, 'daddr', 'dst')}:{_first(e, 'dport', default=0)}"
-    rest = " ".join(f"{k}={v}" for k, v in e.items() if k not in _CT_FIRST)
-    return f"{proto} {direction} {src} -> {dst} {rest}".rstrip()
+    rest = []
+    for k, v in e.items():
+        if k in _CT_SHOWN or k == "direction":
+            continue
+        if isinstance(v, list):
+            v = "[" + " ".join(map(str, v)) + "]"
+        rest.append(f"{_CT_NAMES.get(k, k)}={v}")
+    return " ".join([proto, kind, src, "->", dst, *rest])
 
 
 @bpf.group("lb", help="The node's service (load-balancing) maps.")

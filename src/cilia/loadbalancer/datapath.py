@@ -33,17 +33,34 @@ class DatapathBackend:
     state: str = "active"
 
 
-_CANDIDATE_MODULES = ("cilia.datapath.node", "cilia.datapath.lb", "cilia.datapath.loadbalancer",
+# Cilium's service type names (what `service list` shows) -> the datapath's kind names.
+DATAPATH_KINDS = {"ExternalIPs": "ExternalIP"}
+
+
+def datapath_kind(kind: str) -> str:
+    return DATAPATH_KINDS.get(kind, kind)
+
+
+_CANDIDATE_MODULES = ("cilia.datapath.lb", "cilia.datapath.node", "cilia.datapath.loadbalancer",
                       "cilia.datapath.services", "cilia.datapath")
 
 
-def default_backend_factory() -> Callable[..., Any]:
-    for name in _CANDIDATE_MODULES:
+def _datapath_class(name: str) -> Any:
+    for module_name in _CANDIDATE_MODULES:
         try:
-            module = importlib.import_module(name)
+            module = importlib.import_module(module_name)
         except ImportError:
             continue
-        cls = getattr(module, "LBBackend", None)
+        cls = getattr(module, name, None)
         if cls is not None:
             return cls
-    return DatapathBackend
+    return None
+
+
+def default_backend_factory() -> Callable[..., Any]:
+    return _datapath_class("LBBackend") or DatapathBackend
+
+
+def default_service_factory() -> Callable[..., Any] | None:
+    """The datapath's LBService (for batched upsert_services), if it has one."""
+    return _datapath_class("LBService")

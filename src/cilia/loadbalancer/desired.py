@@ -1,15 +1,19 @@
 """Service + EndpointSlices -> the frontends one node must program (pure; no I/O).
 
+Scopes follow the datapath (src/cilia/datapath/lb.py): a frontend with one backend set
+has only an "external" entry, used for both directions; an "internal" entry exists only
+beside it, when east-west traffic must see a different set (Cilium's "two scopes").
+
 Per service port:
-- ClusterIP: one internal-scope frontend; internalTrafficPolicy Local keeps this node's
-  backends only.
+- ClusterIP: one frontend; internalTrafficPolicy Local keeps this node's backends only.
 - NodePort / LoadBalancer types: the nodePort on each of the node's addresses (node IP,
-  router IP), external scope.
-- LoadBalancer ingress IPs and spec.externalIPs on the service port, external scope.
-- externalTrafficPolicy Local: external frontends keep only this node's backends
-  (local_only), plus an internal-scope twin with the internalTrafficPolicy's backends, so
-  pods reaching a NodePort or LB IP from inside the cluster are not dropped on nodes
-  without a local backend (Cilium's "two scopes").
+  router IP).
+- LoadBalancer ingress IPs and spec.externalIPs on the service port.
+- For those external frontends the external set follows externalTrafficPolicy (Local:
+  this node's backends, local_only) and, when the two policies differ, an internal twin
+  carries internalTrafficPolicy's set, so pods reaching a NodePort or LB IP from inside
+  the cluster are not dropped on nodes without a local backend.
+Only TCP and UDP ports are programmed (the datapath has no SCTP).
 Backends: ready endpoints are active; not-ready endpoints that still serve while
 terminating are kept in state terminating (used only when nothing active is left).
 """
@@ -22,10 +26,11 @@ from cilia.k8s.services import (ADDRESSES_ALLOCATED, HEADLESS, LB_ALGORITHM_ANNO
                                 SERVICE_NAME_LABEL)
 
 from .model import (KIND_CLUSTER_IP, KIND_EXTERNAL_IPS, KIND_LOAD_BALANCER, KIND_NODE_PORT,
-                    PROTO_NUMBERS, SCOPE_EXTERNAL, SCOPE_INTERNAL, STATE_ACTIVE,
+                    PROTO_NUMBERS, SCOPE_INTERNAL, STATE_ACTIVE,
                     STATE_TERMINATING, Backend, Frontend, LBConfig, LBEntry, ServiceRef)
 
 ServiceKey = tuple[str, str]  # (namespace, name)
+DATAPATH_PROTOS = (PROTO_NUMBERS["TCP"], PROTO_NUMBERS["UDP"])
 
 
 def service_key(obj: dict) -> ServiceKey:
@@ -123,22 +128,22 @@ def service_entries(svc: dict, slices: Sequence[dict], node: str, node_ips: Sequ
         def entry(fe: Frontend, kind: str, backends: tuple[Backend, ...], local_only: bool) -> LBEntry:
             return LBEntry(fe, kind, backends, ref, algorithm, affinity, local_only, etp, itp)
 
+        if proto not in DATAPATH_PROTOS:
+            continue
         internal = local if itp == "Local" else every
         if cluster_ip:
-            out.append(entry(Frontend(cluster_ip, port["port"], proto, SCOPE_INTERNAL),
-                             KIND_CLUSTER_IP, internal, itp == "Local"))
+            out.append(entry(Frontend(cluster_ip, port["port"], proto), KIND_CLUSTER_IP,
+                             internal, itp == "Local"))
         external: list[tuple[Frontend, str]] = []
         if cfg.nodeport and stype in ("NodePort", "LoadBalancer") and port.get("nodePort"):
             external += [(Frontend(ip, port["nodePort"], proto), KIND_NODE_PORT) for ip in node_ips]
         external += [(Frontend(ip, port["port"], proto), KIND_LOAD_BALANCER) for ip in ingress]
         external += [(Frontend(ip, port["port"], proto), KIND_EXTERNAL_IPS) for ip in external_ips]
         for fe, kind in external:
-            if etp == "Local":
-                out.append(entry(fe, kind, local, True))
+            out.append(entry(fe, kind, local if etp == "Local" else every, etp == "Local"))
+            if etp != itp:
                 twin = Frontend(fe.address, fe.port, fe.proto, SCOPE_INTERNAL)
                 out.append(entry(twin, kind, internal, itp == "Local"))
-            else:
-                out.append(entry(fe, kind, every, False))
     return out
 
 

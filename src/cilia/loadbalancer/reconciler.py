@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
-from .datapath import LBDatapath, default_backend_factory
+from .datapath import LBDatapath, datapath_kind, default_backend_factory, default_service_factory
 from .desired import ServiceKey, group_slices, service_entries, service_key
 from .ids import IdAllocator
 from .maglev import backend_table
@@ -32,6 +32,7 @@ log = logging.getLogger("cilia.lb")
 REVNAT_FILE = "lb-revnat-ids.json"
 BACKEND_FILE = "lb-backend-ids.json"
 MAX_REVNAT = 65535
+BATCH_MIN = 32   # fewer upserts than this go one by one
 
 RunBlocking = Callable[[Callable[[], Any]], Awaitable[Any]]
 
@@ -76,6 +77,7 @@ class LBReconciler:
                  node_ips: Sequence[str] = (), config: LBConfig | None = None, *,
                  run_blocking: RunBlocking | None = None,
                  backend_factory: Callable[..., Any] | None = None,
+                 service_factory: Callable[..., Any] | None = None,
                  max_backend_id: int = 65535):
         self.dp = datapath
         self.node = node
@@ -83,6 +85,10 @@ class LBReconciler:
         self.cfg = config or LBConfig()
         self._run_blocking = run_blocking
         self._backend = backend_factory or default_backend_factory()
+        # Batched writes need the datapath's LBService; a custom backend type means a test
+        # seam, which gets one call per frontend.
+        self._service = service_factory if service_factory is not None else (
+            default_service_factory() if backend_factory is None else None)
         self.revnat = IdAllocator(os.path.join(state_dir, REVNAT_FILE) if state_dir else None, 1, MAX_REVNAT)
         self.backend_ids = IdAllocator(os.path.join(state_dir, BACKEND_FILE) if state_dir else None,
                                        1, max_backend_id)
@@ -167,11 +173,11 @@ class LBReconciler:
     # --- planning datapath operations ------------------------------------------------------
 
     def _maglev(self, entry: LBEntry, ids: dict[str, int], memo: dict) -> list[int] | None:
-        if entry.algorithm != "maglev" or not entry.backends:
+        # As in Cilium, the table holds active backends only (terminating ones keep their
+        # established flows through conntrack); with none active there is no table.
+        pool = [b for b in entry.backends if b.state == STATE_ACTIVE]
+        if entry.algorithm != "maglev" or not pool:
             return None
-        # Cilium builds the table from active backends; terminating ones only when nothing
-        # else is left, so a draining service still answers.
-        pool = [b for b in entry.backends if b.state == STATE_ACTIVE] or list(entry.backends)
         names = {b.key(): ids[b.key()] for b in pool}
         key = tuple(sorted(names.items()))
         if key not in memo:
@@ -194,21 +200,47 @@ class LBReconciler:
                            tuple(ids[b.key()] for b in want.backends), self._maglev(want, ids, memo)))
         return ops
 
+    def _backends_of(self, op: _Op) -> list:
+        assert op.entry is not None
+        return [self._backend(id=i, address=b.address, port=b.port, proto=b.proto, state=b.state)
+                for i, b in zip(op.backend_ids, op.entry.backends)]
+
+    def _upsert_one(self, op: _Op) -> None:
+        e, fe = op.entry, op.frontend
+        assert e is not None
+        self.dp.upsert_service(op.rev_nat, fe.address, fe.port, fe.proto, self._backends_of(op),
+                               kind=datapath_kind(e.kind), scope=fe.scope, algorithm=e.algorithm,
+                               maglev_table=op.maglev, affinity_timeout=e.affinity_timeout,
+                               local_only=e.local_only)
+
+    def _upsert_batch(self, ops: list[_Op]) -> bool:
+        """A full resync in a few batched map writes; False (nothing assumed written) when the
+        datapath cannot batch or the batch fails, so each op is retried alone for its error."""
+        batch = getattr(self.dp, "upsert_services", None)
+        if batch is None or self._service is None or len(ops) < BATCH_MIN:
+            return False
+        try:
+            batch([self._service(op.rev_nat, op.frontend.address, op.frontend.port, op.frontend.proto,
+                                 self._backends_of(op), kind=datapath_kind(op.entry.kind),
+                                 scope=op.frontend.scope, algorithm=op.entry.algorithm,
+                                 maglev_table=op.maglev, affinity_timeout=op.entry.affinity_timeout,
+                                 local_only=op.entry.local_only) for op in ops])
+            return True
+        except Exception as ex:  # one bad frontend; find it below
+            log.warning("batched LB upsert of %d frontends failed (%s); retrying one by one", len(ops), ex)
+            return False
+
     def _execute(self, ops: list[_Op]) -> None:
         """Runs in the datapath's thread; one failing frontend does not stop the others."""
+        upserts = [op for op in ops if op.kind == "upsert"]
+        batched = self._upsert_batch(upserts)
         for op in ops:
+            if batched and op.kind == "upsert":
+                continue
             fe = op.frontend
             try:
                 if op.kind == "upsert":
-                    e = op.entry
-                    assert e is not None
-                    backends = [self._backend(id=i, address=b.address, port=b.port, proto=b.proto,
-                                              state=b.state)
-                                for i, b in zip(op.backend_ids, e.backends)]
-                    self.dp.upsert_service(op.rev_nat, fe.address, fe.port, fe.proto, backends,
-                                           kind=e.kind, scope=fe.scope, algorithm=e.algorithm,
-                                           maglev_table=op.maglev, affinity_timeout=e.affinity_timeout,
-                                           local_only=e.local_only)
+                    self._upsert_one(op)
                 else:
                     self.dp.delete_service(fe.address, fe.port, fe.proto, scope=fe.scope)
             except Exception as ex:  # reported per frontend and retried on the next sync
