@@ -370,7 +370,8 @@ class PolicyEngine:
         if mode == "always":
             return DirectionState(True, deny_sources, "policy enforcement mode is always")
         if deny_sources:
-            return DirectionState(True, deny_sources, f"{_policy_names(deny_sources)} selects the endpoint for {name}")
+            verb = "selects" if len({s.ref for s in deny_sources}) == 1 else "select"
+            return DirectionState(True, deny_sources, f"{_policy_names(deny_sources)} {verb} the endpoint for {name}")
         if selects:
             return DirectionState(False, (), f"only policies with enableDefaultDeny.{name}=false select the endpoint")
         return DirectionState(False, (), f"no policy selects the endpoint for {name}")
