@@ -40,6 +40,7 @@ class AgentConfig:
     mtu: int = 1500
     uplink: str = "eth0"
     masquerade: bool = True
+    lb_algorithm: str = "random"     # random | maglev (per service: the Cilium annotation)
     cluster_cidr: str = CLUSTER_CIDR
     socket: str = ""
     state_dir: str = ""
@@ -74,6 +75,8 @@ class Agent:
         self.ready = asyncio.Event()
         self.ipcache_entries = 0
         self.routes = 0
+        self.lb = None
+        self.service_watcher = None
 
     async def blocking(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -147,6 +150,13 @@ class Agent:
             self.cluster.set_pod_cidr(self.pod_cidr)
             self.cluster.on_relet.append(self._republish)
         await self.blocking(self._init_datapath)
+        from cilia.loadbalancer.desired import node_addresses
+        from cilia.loadbalancer.model import LBConfig
+        from cilia.loadbalancer.reconciler import LBReconciler, run_in_executor
+        self.lb = LBReconciler(self.datapath, self.cfg.state_dir, self.cfg.node,
+                               node_addresses(self.cfg.node_ip, PodCIDRPool(self.pod_cidr).router_ip),
+                               LBConfig(algorithm=self.cfg.lb_algorithm),
+                               run_blocking=run_in_executor(self.executor))
         self.ready.set()
 
     async def _apply_cluster_view(self, ipcache: dict, routes: dict) -> None:
@@ -155,6 +165,21 @@ class Agent:
             node_net.sync_routes(routes, self.cfg.tunnel, self.cfg.uplink)
         await self.blocking(program)
         self.ipcache_entries, self.routes = len(ipcache), len(routes)
+        self._nodeport_addresses()
+
+    def _nodeport_addresses(self) -> None:
+        """NodePorts answer on this node's addresses and, for pods here, on every other
+        node's IP too: a pod reaching nodeX:port is balanced at its own node (Cilium does the
+        same through a wildcard frontend), so the packet never has to hairpin through nodeX."""
+        if self.lb is None or self.cluster is None:
+            return
+        from cilia.loadbalancer.desired import node_addresses
+        others = sorted(n.ip for name, n in self.cluster.nodes.items() if name != self.cfg.node)
+        ips = node_addresses(self.cfg.node_ip, PodCIDRPool(self.pod_cidr).router_ip, *others)
+        if ips != self.lb.node_ips:
+            self.lb.node_ips = ips
+            if self.service_watcher is not None:
+                self.service_watcher.kick()
 
     async def _republish(self) -> None:
         """After (re)getting a lease: identity refs and our endpoints' ipcache entries."""
@@ -286,6 +311,7 @@ class Agent:
                 "syncs": cl.syncs if cl else 0,
                 "last_sync": cl.last_sync if cl else None,
             },
+            "services": self.lb.stats() if self.lb else {},
             "datapath": {"pin_dir": self.cfg.pin_dir,
                          "programs": ["cil_from_container", "cil_to_container",
                                       "cil_from_netdev", "cil_to_netdev"]
@@ -327,6 +353,9 @@ async def run(cfg: AgentConfig) -> int:
             sup.add("lease", agent.cluster.keepalive)
             sup.add("cluster-sync", agent.cluster.run)
             sup.add("identities", agent.restore_identities)
+            from cilia.loadbalancer.watch import ServiceWatcher
+            agent.service_watcher = ServiceWatcher(agent.store, agent.lb)
+            sup.add("services", agent.service_watcher.run)
         return await sup.run()
     finally:
         await agent.close()

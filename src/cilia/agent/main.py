@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preferred-pod-cidr", default="")
     p.add_argument("--uplink", default="eth0", help="the node's underlay device")
     p.add_argument("--no-masquerade", action="store_true")
+    p.add_argument("--lb-algorithm", choices=["random", "maglev"], default="random")
     p.add_argument("--store", default="", help="store URL: sqlite:///path or etcd://host:port")
     p.add_argument("--routing", choices=["tunnel", "native"], default="tunnel")
     p.add_argument("--mtu", type=int, default=1500)
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = AgentConfig(cluster=a.cluster, node=a.node, node_ip=a.node_ip, pod_cidr=a.pod_cidr,
                       preferred_pod_cidr=a.preferred_pod_cidr, store_url=a.store,
                       routing=a.routing, mtu=a.mtu, uplink=a.uplink,
-                      masquerade=not a.no_masquerade, socket=a.socket,
+                      masquerade=not a.no_masquerade, lb_algorithm=a.lb_algorithm,
+                      socket=a.socket,
                       state_dir=a.state_dir, pin_dir=a.pin_dir, node_id=a.node_id)
     return asyncio.run(run(cfg))
 

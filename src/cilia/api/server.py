@@ -95,6 +95,18 @@ def build_app(agent: "Agent") -> web.Application:
     async def bpf_nat(_: web.Request) -> web.Response:
         return web.json_response(await agent.blocking(agent.datapath.nat_entries))
 
+    @routes.get("/v1/service")
+    async def services(_: web.Request) -> web.Response:
+        return web.json_response(agent.lb.services_view() if agent.lb else [])
+
+    @routes.get("/v1/bpf/lb")
+    async def bpf_lb(_: web.Request) -> web.Response:
+        return web.json_response(await agent.blocking(agent.datapath.services))
+
+    @routes.get("/v1/bpf/ct")
+    async def bpf_ct(_: web.Request) -> web.Response:
+        return web.json_response(await agent.blocking(agent.datapath.ct_entries))
+
     @routes.get("/v1/bpf/metrics")
     async def bpf_metrics(_: web.Request) -> web.Response:
         return web.json_response(await agent.blocking(agent.datapath.metrics))

@@ -20,8 +20,9 @@ from pyroute2 import IPRoute
 from cilia import netns, paths
 from cilia.api.client import AgentClient
 from cilia.lab import state
-from cilia.lab.topology import (FABRIC_ROUTER, NODE_NET, POD_POOL, WORLD_GATEWAY, WORLD_HOST,
-                                WORLD_NET, LabSpec, NodeSpec, node_spec, plan)
+from cilia.lab.topology import (FABRIC_ROUTER, NODE_NET, POD_POOL, SERVICE_EXTERNAL_NET,
+                                WORLD_GATEWAY, WORLD_HOST, WORLD_NET, LabSpec, NodeSpec,
+                                node_spec, plan)
 from cilia.procs import ProcRef, ref_of, spawn
 
 log = logging.getLogger("cilia.lab")
@@ -65,6 +66,20 @@ def _setup_fabric(spec: LabSpec) -> None:
 
     netns.run_in(spec.fabric_netns, fabric)
     netns.run_in(spec.world_netns, world)
+
+
+def route_service_ips(spec: LabSpec) -> None:
+    """The fabric routes LoadBalancer and external IPs to every node (ECMP), as a BGP or
+    L2-announcing LB would; the node's BPF picks them up on eth0."""
+    def fabric() -> None:
+        with IPRoute() as ip:
+            hops = [{"gateway": n.ip} for n in spec.nodes]
+            if len(hops) == 1:
+                ip.route("replace", dst=SERVICE_EXTERNAL_NET, gateway=hops[0]["gateway"])
+            else:
+                ip.route("replace", dst=SERVICE_EXTERNAL_NET, multipath=hops)
+
+    netns.run_in(spec.fabric_netns, fabric)
 
 
 def _setup_node(spec: LabSpec, node: NodeSpec) -> None:
@@ -237,6 +252,7 @@ def up(name: str, nodes: int = 2, routing: str = "tunnel", store: str | None = N
         _setup_fabric(spec)
         for n in spec.nodes:
             _setup_node(spec, n)
+        route_service_ips(spec)
         say(f"network: fabric, world and {len(spec.nodes)} node namespaces")
         if store == "etcd":
             start_etcd(spec)
@@ -265,6 +281,7 @@ def node_add(lab: str, timeout: float = 60.0) -> NodeSpec:
     state.save_spec(spec, "running")
     try:
         _setup_node(spec, node)
+        route_service_ips(spec)
         _start_node(spec, node)
         deadline = time.monotonic() + timeout
         _wait_agents(spec, [node], deadline)
@@ -304,6 +321,7 @@ def node_remove(lab: str, node_name: str) -> None:
     shutil.rmtree(paths.node_dir(spec.name, node.name), ignore_errors=True)
     spec.nodes = [n for n in spec.nodes if n.name != node.name]
     state.save_spec(spec, "running")
+    route_service_ips(spec)
 
 
 def _stop_node_processes(lab: str, node: str) -> list[str]:

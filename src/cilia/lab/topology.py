@@ -9,6 +9,8 @@ NODE_NET = ipaddress.IPv4Network("172.29.0.0/16")
 FABRIC_ROUTER = "172.29.0.1"
 POD_POOL = ipaddress.IPv4Network("10.244.0.0/16")
 SERVICE_NET = "10.96.0.0/16"
+# LoadBalancer pool (172.30.0.0/24, the operator's default) and room for externalIPs.
+SERVICE_EXTERNAL_NET = "172.30.0.0/16"
 WORLD_NET = ipaddress.IPv4Network("198.51.100.0/24")
 WORLD_GATEWAY = "198.51.100.1"
 WORLD_HOST = "198.51.100.100"

@@ -34,6 +34,10 @@ class ServiceWatcher:
         self.error: str | None = None
         self.last_sync = 0.0
 
+    def kick(self) -> None:
+        """Re-sync soon although no service changed (e.g. the node addresses did)."""
+        self._dirty.set()
+
     def _apply(self, pfx: str, key: str, value: bytes | None) -> None:
         cache = self.caches[pfx]
         if value is None:
