@@ -132,11 +132,11 @@ def test_identities_agree_everywhere(lab):
             assert ipc.get(prefix) == ident, (n, prefix, ipc.get(prefix), ident)
 
 
-def stream(lab: Lab, src: str, dst_ip: str, seconds: float) -> subprocess.Popen:
+def stream(lab: Lab, src: str, dst_ip: str, seconds: float, port: int = 8080) -> subprocess.Popen:
     """A TCP ping-pong stream from a pod, returned once it is connected (so the store or an
     agent can go away underneath it)."""
     p = subprocess.Popen([CILIA, "exec", src, "--", sys.executable, "-c", STREAM, dst_ip,
-                          str(seconds)], env=lab.env, stdout=subprocess.PIPE,
+                          str(seconds), str(port)], env=lab.env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     first = p.stdout.readline()
     if first.strip() != "connected":

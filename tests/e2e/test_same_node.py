@@ -133,7 +133,8 @@ def test_status_and_endpoint_views(lab):
 
 STREAM = r"""
 import socket, sys, time
-s = socket.create_connection((sys.argv[1], 8080), timeout=2)
+port = int(sys.argv[3]) if len(sys.argv) > 3 else 8080
+s = socket.create_connection((sys.argv[1], port), timeout=2)
 s.settimeout(2)
 print("connected", flush=True)
 sent = errors = 0

@@ -74,6 +74,7 @@ class PodRun:
     name: str
     netns: str
     restart_policy: str = "Always"
+    grace: float = 30.0
     ip: str = ""
     containers: list[ContainerRun] = field(default_factory=list)
     ready: bool = False
@@ -82,7 +83,7 @@ class PodRun:
     def to_json(self) -> dict:
         return {"key": self.key, "uid": self.uid, "namespace": self.namespace,
                 "name": self.name, "netns": self.netns, "ip": self.ip,
-                "restart_policy": self.restart_policy,
+                "restart_policy": self.restart_policy, "grace": self.grace,
                 "containers": [{"name": c.name, "argv": c.argv, "tcp_ports": c.tcp_ports,
                                 "restarts": c.restarts, "started_at": c.started_at,
                                 "proc": c.proc.to_json() if c.proc else None}
@@ -92,7 +93,8 @@ class PodRun:
     def from_json(cls, d: dict) -> "PodRun":
         p = cls(key=d["key"], uid=d["uid"], namespace=d["namespace"], name=d["name"],
                 netns=d["netns"], ip=d.get("ip", ""),
-                restart_policy=d.get("restart_policy", "Always"))
+                restart_policy=d.get("restart_policy", "Always"),
+                grace=float(d.get("grace", 30.0)))
         for c in d.get("containers", []):
             p.containers.append(ContainerRun(
                 name=c["name"], argv=c["argv"], tcp_ports=c.get("tcp_ports", []),
@@ -274,7 +276,8 @@ class NodeRuntime:
         run = PodRun(key=key, uid=md["uid"], namespace=md.get("namespace", "default"),
                      name=md["name"], netns=self.spec.pod_netns(md.get("namespace", "default"),
                                                                 md["name"]),
-                     restart_policy=spec.get("restartPolicy", "Always"))
+                     restart_policy=spec.get("restartPolicy", "Always"),
+                     grace=float(spec.get("terminationGracePeriodSeconds", 30)))
         for c in spec.get("containers", []):
             argv = workload_for(c, pod_name=run.name, namespace=run.namespace,
                                 node=self.node.name)
@@ -320,9 +323,10 @@ class NodeRuntime:
         self.save()
 
     async def teardown(self, run: PodRun) -> None:
-        for c in run.containers:
-            if c.proc is not None:
-                await asyncio.to_thread(c.proc.stop, 2.0)
+        # SIGTERM, then SIGKILL after the pod's grace period, in parallel for all containers:
+        # while it drains, the endpoint is "terminating" and gets no new connections.
+        await asyncio.gather(*(asyncio.to_thread(c.proc.stop, max(run.grace, 0.1))
+                               for c in run.containers if c.proc is not None))
         try:
             await self.cni("DEL", run)
         except Exception as e:
