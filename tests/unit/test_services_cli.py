@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
-from cilia.cli import service_cmd
+from cilia.cli import agent_cmd, service_cmd
 from cilia.cli.main import cli
 from cilia.loadbalancer.datapath import DatapathBackend
 from cilia.loadbalancer.reconciler import LBReconciler
@@ -46,9 +46,11 @@ def api(monkeypatch, tmp_path):
         asked.append((node, path))
         return answers[path]
 
-    monkeypatch.setattr(service_cmd, "agent_get", agent_get)
-    monkeypatch.setattr(service_cmd, "lab_spec", lambda ctx: SimpleNamespace(name="t"))
-    monkeypatch.setattr(service_cmd, "node_name", lambda spec, node: node or "node1")
+    # Listings are built by agent_cmd.node_listing; service get / bpf ct live in service_cmd.
+    for mod in (service_cmd, agent_cmd):
+        monkeypatch.setattr(mod, "agent_get", agent_get)
+        monkeypatch.setattr(mod, "lab_spec", lambda ctx: SimpleNamespace(name="t"))
+        monkeypatch.setattr(mod, "node_name", lambda spec, node: node or "node1")
     return asked
 
 

@@ -187,21 +187,31 @@ def status(ctx, verbose: bool, node: str | None, output: str) -> None:
         ctx.exit(1)
 
 
+def node_listing(group: click.Group, api_path: str, render, name: str = "list",
+                 help: str | None = None):
+    """A `… list [--node N] [-o json]` command over one agent API path: JSON passes through,
+    the table comes from render(data) -> rows (or a ready string)."""
+    @group.command(name, help=help)
+    @node_option
+    @output_option
+    @click.pass_context
+    def command(ctx, node: str | None, output: str) -> None:
+        spec = lab_spec(ctx)
+        data = agent_get(spec, node_name(spec, node), api_path)
+        if output == "json":
+            emit_json(data)
+            return
+        out = render(data)
+        click.echo(out if isinstance(out, str) else render_columns(out), nl=False)
+    return command
+
+
 @click.group("endpoint", help="Endpoints managed by a node's agent.")
 def endpoint() -> None:
     pass
 
 
-@endpoint.command("list")
-@node_option
-@output_option
-@click.pass_context
-def endpoint_list(ctx, node: str | None, output: str) -> None:
-    spec = lab_spec(ctx)
-    eps = agent_get(spec, node_name(spec, node), "/v1/endpoint")
-    if output == "json":
-        emit_json(eps)
-        return
+def endpoint_rows(eps: list[dict]) -> list[list[str]]:
     rows = [["ENDPOINT", "POLICY (ingress)", "POLICY (egress)", "IDENTITY",
              "LABELS (source:key[=value])", "IPv6", "IPv4", "STATUS"],
             ["", "ENFORCEMENT", "ENFORCEMENT", "", "", "", "", ""]]
@@ -209,11 +219,16 @@ def endpoint_list(ctx, node: str | None, output: str) -> None:
         s = e["status"]
         labels = s["identity"]["labels"] or ["reserved:init"]
         ip4 = s["networking"]["addressing"][0].get("ipv4", "")
-        rows.append([str(e["id"]), "Disabled", "Disabled", str(s["identity"]["id"]), labels[0],
-                     "", ip4, s["state"]])
+        pol = s.get("policy", {}).get("realized", {})
+        rows.append([str(e["id"]), pol.get("ingress-enforcement", "Disabled"),
+                     pol.get("egress-enforcement", "Disabled"), str(s["identity"]["id"]),
+                     labels[0], "", ip4, s["state"]])
         for lab in labels[1:]:
             rows.append(["", "", "", "", lab, "", "", ""])
-    click.echo(render_columns(rows), nl=False)
+    return rows
+
+
+node_listing(endpoint, "/v1/endpoint", endpoint_rows)
 
 
 @click.group("bpf", help="Inspect a node's BPF maps.")
@@ -221,73 +236,31 @@ def bpf() -> None:
     pass
 
 
-@bpf.group("endpoint")
-def bpf_endpoint() -> None:
-    pass
-
-
-@bpf_endpoint.command("list")
-@node_option
-@output_option
-@click.pass_context
-def bpf_endpoint_list(ctx, node: str | None, output: str) -> None:
-    spec = lab_spec(ctx)
-    entries = agent_get(spec, node_name(spec, node), "/v1/bpf/endpoint")
-    if output == "json":
-        emit_json(entries)
-        return
+def bpf_endpoint_rows(entries: list[dict]) -> list[list[str]]:
     rows = [["IP ADDRESS", "LOCAL ENDPOINT INFO"]]
     for e in sorted(entries, key=lambda e: tuple(int(x) for x in e["ip4"].split("."))):
         rows.append([f"{e['ip4']}:0",
                      f"id={e['ep_id']:<5} sec_id={e['sec_id']:<6} flags=0x{e['flags']:04x} "
                      f"ifindex={e['ifindex']:<4} mac={e['mac'].upper()} "
                      f"nodemac={e['node_mac'].upper()}"])
-    click.echo(render_columns(rows), nl=False)
+    return rows
 
 
-@bpf.group("metrics")
-def bpf_metrics() -> None:
-    pass
-
-
-@bpf_metrics.command("list")
-@node_option
-@output_option
-@click.pass_context
-def bpf_metrics_list(ctx, node: str | None, output: str) -> None:
-    spec = lab_spec(ctx)
-    ms = agent_get(spec, node_name(spec, node), "/v1/bpf/metrics")
-    if output == "json":
-        emit_json(ms)
-        return
+def metrics_rows(ms: list[dict]) -> list[list[str]]:
     rows = [["REASON", "DIRECTION", "PACKETS", "BYTES"]]
     for m in sorted(ms, key=lambda m: (m["reason"], m["direction"])):
         rows.append([m["reason_name"], m["direction"], str(m["packets"]), str(m["bytes"])])
-    click.echo(render_columns(rows), nl=False)
+    return rows
 
 
-@bpf.group("ipcache")
-def bpf_ipcache() -> None:
-    pass
-
-
-@bpf_ipcache.command("list")
-@node_option
-@output_option
-@click.pass_context
-def bpf_ipcache_list(ctx, node: str | None, output: str) -> None:
-    spec = lab_spec(ctx)
-    entries = agent_get(spec, node_name(spec, node), "/v1/bpf/ipcache")
-    if output == "json":
-        emit_json(entries)
-        return
+def ipcache_rows(entries: list[dict]) -> list[list[str]]:
     rows = [["IP PREFIX/ADDRESS", "IDENTITY"]]
     for e in sorted(entries, key=lambda e: _prefix_key(e["prefix"])):
         flags = "<none>" if not e.get("flags") else f"0x{e['flags']:x}"
         rows.append([e["prefix"], f"identity={e['identity']} encryptkey=0 "
                                   f"tunnelendpoint={e.get('tunnel_endpoint') or '0.0.0.0'} "
                                   f"flags={flags}"])
-    click.echo(render_columns(rows), nl=False)
+    return rows
 
 
 def _prefix_key(prefix: str) -> tuple:
@@ -295,33 +268,25 @@ def _prefix_key(prefix: str) -> tuple:
     return (*(int(x) for x in ip.split(".")), int(plen or 32))
 
 
-@bpf.group("nat")
-def bpf_nat() -> None:
-    pass
-
-
-@bpf_nat.command("list")
-@node_option
-@output_option
-@click.pass_context
-def bpf_nat_list(ctx, node: str | None, output: str) -> None:
-    spec = lab_spec(ctx)
-    entries = agent_get(spec, node_name(spec, node), "/v1/bpf/nat")
-    if output == "json":
-        emit_json(entries)
-        return
-    for e in entries:
-        click.echo(format_nat(e))
-
-
 def format_nat(e: dict) -> str:
     """Cilium's `bpf nat list` line: PROTO DIR src -> dst XLATE_x addr:port ..."""
-    proto = {6: "TCP", 17: "UDP", 1: "ICMP"}.get(e.get("proto"), str(e.get("proto")))
-    direction = e.get("direction", "OUT").upper()
-    xlate = "XLATE_SRC" if direction == "OUT" else "XLATE_DST"
+    proto = e.get("protocol") or {6: "TCP", 17: "UDP", 1: "ICMP"}.get(e.get("proto"), str(e.get("proto")))
+    direction = str(e.get("direction", "OUT")).upper()
+    xlate = e.get("xlate") or ("XLATE_SRC" if direction == "OUT" else "XLATE_DST")
     return (f"{proto} {direction} {e.get('saddr')}:{e.get('sport')} -> "
             f"{e.get('daddr')}:{e.get('dport')} {xlate} {e.get('to_addr')}:{e.get('to_port')} "
             f"Created={e.get('created', 0)}sec ago")
+
+
+def nat_text(entries: list[dict]) -> str:
+    return "".join(format_nat(e) + "\n" for e in entries)
+
+
+for _name, _path, _render in (("endpoint", "/v1/bpf/endpoint", bpf_endpoint_rows),
+                              ("metrics", "/v1/bpf/metrics", metrics_rows),
+                              ("ipcache", "/v1/bpf/ipcache", ipcache_rows),
+                              ("nat", "/v1/bpf/nat", nat_text)):
+    node_listing(bpf.group(_name)(lambda: None), _path, _render)
 
 
 @click.group("identity", help="Security identities (reserved and cluster-wide).")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from cilia.cli.agent_cmd import bpf, node_option, output_option
+from cilia.cli.agent_cmd import bpf, node_listing, node_option, output_option
 from cilia.cli.context import CLIError, agent_get, emit_json, lab_spec, node_name
 from cilia.k8s.printers import render_columns
 from cilia.loadbalancer.view import service_list_rows
@@ -37,16 +37,7 @@ def _services(ctx, node: str | None) -> list[dict]:
     return agent_get(spec, node_name(spec, node), "/v1/service")
 
 
-@service.command("list")
-@node_option
-@output_option
-@click.pass_context
-def service_list(ctx, node: str | None, output: str) -> None:
-    svcs = _services(ctx, node)
-    if output == "json":
-        emit_json(svcs)
-        return
-    click.echo(render_columns(service_list_rows(svcs)), nl=False)
+node_listing(service, "/v1/service", service_list_rows)
 
 
 @service.command("get")
@@ -118,17 +109,7 @@ def bpf_lb() -> None:
     pass
 
 
-@bpf_lb.command("list")
-@node_option
-@output_option
-@click.pass_context
-def bpf_lb_list(ctx, node: str | None, output: str) -> None:
-    spec = lab_spec(ctx)
-    entries = agent_get(spec, node_name(spec, node), "/v1/bpf/lb")
-    if output == "json":
-        emit_json(entries)
-        return
-    click.echo(render_columns(lb_rows(entries)), nl=False)
+node_listing(bpf_lb, "/v1/bpf/lb", lb_rows)
 
 
 @bpf.group("ct", help="The node's connection tracking table.")
