@@ -12,6 +12,7 @@
 #include "ipcache.h"
 #include "nat.h"
 #include "nodeport.h"
+#include "policy.h"
 
 SEC("tc")
 int cil_from_netdev(struct __sk_buff *skb)
@@ -54,6 +55,11 @@ int cil_from_netdev(struct __sk_buff *skb)
 
 	ep = lookup_pod(ip->daddr);
 	if (ep) {
+		/* The sender is who the ipcache says the source address is (world if
+		 * unknown), judged before any reverse translation. */
+		ret = policy_ingress4(skb, ep, policy_ipcache_identity(ip->saddr));
+		if (ret)
+			return send_drop(skb, ret, METRIC_INGRESS);
 		/* Native routing: a backend on another node answering one of our pods. */
 		if (!reversed) {
 			ret = lb4_rev_nat(skb, &ct_flags);

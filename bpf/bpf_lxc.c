@@ -14,6 +14,7 @@
 #include "nat.h"
 #include "fib.h"
 #include "lb.h"
+#include "policy.h"
 
 static __always_inline int handle_arp(struct __sk_buff *skb)
 {
@@ -74,10 +75,12 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb)
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	struct iphdr *ip = data + sizeof(*eth);
-	struct endpoint_info *src, *dst;
+	struct endpoint_info *src, *dst = NULL;
 	struct endpoint_key key = {};
 	__u32 ifindex = skb->ifindex;
+	struct policy_pkt pp = {};
 	struct nat_pkt p = {};
+	bool maybe_reply = false;
 	__u16 ct_flags = 0;
 	int ret;
 
@@ -93,42 +96,64 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb)
 	if (src && ip->saddr != src->ip4)
 		return send_drop(skb, DROP_INVALID_SIP, METRIC_EGRESS);
 
-	/* Services first, so everything after (and policy, later) sees the backend. A
-	 * packet to no frontend may be a backend's reply to a flow balanced on this node. */
+	/* Services first, so everything after, policy included, sees the backend. A packet
+	 * to no frontend may be a backend's reply to a flow balanced on this node: its
+	 * reverse translation waits until policy has seen it as the backend sent it. */
 	if (lb4_parse(skb, ip, &p) == 0) {
 		ret = lb4_from_pod(skb, &p);
-		if (ret == 1) {
-			ret = lb4_rev_nat(skb, &ct_flags);
-			/* North-south reply, now from the node's own address: the stack would
-			 * drop it as martian, so it leaves through the FIB. */
-			if (ret == 0 && (ct_flags & CT_F_NODEPORT))
-				return fib_redirect_v4(skb, METRIC_EGRESS);
-		}
 		if (ret < 0)
 			return send_drop(skb, ret, METRIC_EGRESS);
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
-		ip = data + sizeof(*eth);
-		if (!PKT_HAS(data, data_end, sizeof(*eth), sizeof(*ip)))
-			return send_drop(skb, DROP_INVALID, METRIC_EGRESS);
+		maybe_reply = ret == 1;
 	}
+
+	ret = policy_prepare(skb, &pp);
+	if (ret)
+		return send_drop(skb, ret, METRIC_EGRESS);
+	if (src) {
+		ret = policy_check(skb, &pp, src, POLICY_EGRESS,
+				   pp.ct == POL_CT_NEW ? policy_dst_identity(pp.tuple.daddr) : 0);
+		if (ret)
+			return send_drop(skb, ret, METRIC_EGRESS);
+	}
+
+	if (maybe_reply) {
+		ret = lb4_rev_nat(skb, &ct_flags);
+		if (ret < 0)
+			return send_drop(skb, ret, METRIC_EGRESS);
+		/* North-south reply, now from the node's own address: the stack would drop it
+		 * as martian, so it leaves through the FIB. */
+		if (ret == 0 && (ct_flags & CT_F_NODEPORT)) {
+			policy_ct_commit(&pp);
+			return fib_redirect_v4(skb, METRIC_EGRESS);
+		}
+	}
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	ip = data + sizeof(*eth);
+	if (!PKT_HAS(data, data_end, sizeof(*eth), sizeof(*ip)))
+		return send_drop(skb, DROP_INVALID, METRIC_EGRESS);
 
 	/* Traffic for the node itself always goes up the stack, even if an endpoint entry
 	 * for that address exists without EP_F_HOST. */
-	if (ip->daddr == CONFIG.node_ip4)
-		goto to_stack;
-
-	key.ip4 = ip->daddr;
-	dst = bpf_map_lookup_elem(&cilia_lxc, &key);
-	if (dst && (dst->flags & EP_F_HOST))
-		goto to_stack;
-	if (!dst)
+	if (ip->daddr != CONFIG.node_ip4) {
+		key.ip4 = ip->daddr;
+		dst = bpf_map_lookup_elem(&cilia_lxc, &key);
+	}
+	if (dst && !(dst->flags & EP_F_HOST)) {
+		/* The destination's ingress policy, on the same packet, with the sender's
+		 * identity (a pod hairpinned through a service meets its own identity). */
+		ret = policy_check(skb, &pp, dst, POLICY_INGRESS,
+				   src ? EP_IDENTITY(src) : IDENTITY_UNMANAGED);
+		if (ret)
+			return send_drop(skb, ret, METRIC_INGRESS);
+		policy_ct_commit(&pp);
+		/* Straight into the destination pod's netns, skipping the node's stack. */
+		return deliver_to_pod(skb, dst, METRIC_EGRESS);
+	}
+	policy_ct_commit(&pp);
+	if (!dst && ip->daddr != CONFIG.node_ip4)
 		return encap_or_stack(skb, ip->daddr, src);
 
-	/* Straight into the destination pod's netns, skipping the node's stack. */
-	return deliver_to_pod(skb, dst, METRIC_EGRESS);
-
-to_stack:
 	update_metrics(skb->len, METRIC_EGRESS, 0);
 	return TC_ACT_OK;
 }
@@ -153,18 +178,39 @@ int cil_from_container(struct __sk_buff *skb)
 	}
 }
 
+/* Who sent a packet the node's stack hands to a pod: the host itself for anything it
+ * originated (no input device) or sent from its own addresses, else what the ipcache
+ * says about the source (local node addresses are host there too), else world. */
+static __always_inline __u32 stack_src_identity(struct __sk_buff *skb, __u32 saddr)
+{
+	if (!skb->ingress_ifindex || saddr == CONFIG.node_ip4 || saddr == CONFIG.router_ip4)
+		return IDENTITY_HOST;
+	return policy_ipcache_identity(saddr);
+}
+
 /* Packets the stack routes into a pod (bpf_redirect_peer deliveries skip this hook):
- * replies of balanced flows still get their frontend back. */
+ * the pod's ingress policy, then replies of balanced flows get their frontend back. */
 SEC("tc")
 int cil_to_container(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
+	struct iphdr *ip = data + sizeof(*eth);
+	struct endpoint_info *ep;
+	__u32 ifindex = skb->ifindex;
 	__u16 ct_flags = 0;
 	int ret;
 
 	if (PKT_HAS(data, data_end, 0, sizeof(*eth)) && eth->h_proto == bpf_htons(ETH_P_IP)) {
+		if (!PKT_HAS(data, data_end, sizeof(*eth), sizeof(*ip)))
+			return send_drop(skb, DROP_INVALID, METRIC_INGRESS);
+		ep = bpf_map_lookup_elem(&cilia_lxc_if, &ifindex);
+		if (ep) {
+			ret = policy_ingress4(skb, ep, stack_src_identity(skb, ip->saddr));
+			if (ret)
+				return send_drop(skb, ret, METRIC_INGRESS);
+		}
 		ret = lb4_rev_nat(skb, &ct_flags);
 		if (ret < 0)
 			return send_drop(skb, ret, METRIC_INGRESS);

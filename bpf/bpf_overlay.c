@@ -14,6 +14,7 @@
 #include "tunnel.h"
 #include "nat.h"
 #include "nodeport.h"
+#include "policy.h"
 
 /* Decapsulated packets: pods on this node get them straight, the rest (node IP, router
  * IP) go up the stack. */
@@ -63,6 +64,12 @@ int cil_from_overlay(struct __sk_buff *skb)
 
 	ep = lookup_pod(ip->daddr);
 	if (ep) {
+		/* Before the reverse translation: a backend's reply is known by the tuple it
+		 * was sent with. Another node's host is a remote node to us (its VNI says host,
+		 * as Cilium's receivers also map it). */
+		ret = policy_ingress4(skb, ep, src_identity == IDENTITY_HOST ? IDENTITY_REMOTE_NODE : src_identity);
+		if (ret)
+			return send_drop(skb, ret, METRIC_INGRESS);
 		/* A service backend on another node answering our pod: restore the frontend. */
 		if (!reversed) {
 			ret = lb4_rev_nat(skb, &ct_flags);

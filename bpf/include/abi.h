@@ -40,6 +40,11 @@ struct endpoint_key {
 _Static_assert(sizeof(struct endpoint_key) == 4, "endpoint_key ABI");
 
 #define EP_F_HOST 0x1        /* the node's own address, deliver to the stack */
+/* Network policy: a direction without its ENFORCED bit allows everything (and looks
+ * nothing up); AUDIT turns that endpoint's policy drops into counted forwards. */
+#define EP_F_POLICY_INGRESS_ENFORCED 0x2
+#define EP_F_POLICY_EGRESS_ENFORCED  0x4
+#define EP_F_POLICY_AUDIT            0x8
 
 struct endpoint_info {
 	__u32 ifindex;       /* host-side veth (lxc...) in the node netns */
@@ -56,10 +61,15 @@ _Static_assert(sizeof(struct endpoint_info) == 28, "endpoint_info ABI");
 #define METRIC_INGRESS 1
 #define METRIC_EGRESS  2
 
+/* METRIC_F_AUDIT: a policy drop (reason DROP_POLICY or DROP_POLICY_DENY) that audit mode
+ * forwarded instead. Its own key, so drop counters only ever count real drops. */
+#define METRIC_F_AUDIT 0x1
+
 struct metrics_key {
 	__u8  reason;        /* 0 = forwarded, otherwise -DROP_* */
 	__u8  dir;           /* METRIC_* */
-	__u16 reserved[3];
+	__u16 flags;         /* METRIC_F_* */
+	__u16 reserved[2];
 };
 _Static_assert(sizeof(struct metrics_key) == 8, "metrics_key ABI");
 
@@ -250,5 +260,55 @@ struct lb4_sk_rev_val {
 	__u16 rev_nat_index;
 };
 _Static_assert(sizeof(struct lb4_sk_rev_val) == 8, "lb4_sk_rev_val ABI");
+
+/* -- Network policy ---------------------------------------------------------------------
+ * cilia_policy (LPM trie, shared by every endpoint of the node). Every field after
+ * prefixlen is in network byte order: the trie compares key bits most significant first
+ * in memory order, so only a big-endian dport makes "the first N bits" the high bits of
+ * the port; ep_id and identity follow suit so that the bytes are the policy engine's
+ * (src/cilia/policy/mapstate.py). prefixlen = 64 (ep_id, direction, proto, identity,
+ * always exact) + 0..16 bits of dport. proto 0 and identity 0 mean "any": the datapath
+ * looks up (identity, proto), (identity, 0), (0, proto) and (0, 0), each with the full
+ * port. ICMP: proto 1, dport = the ICMP type. */
+#define POLICY_INGRESS 0
+#define POLICY_EGRESS  1
+#define POLICY_FIXED_PREFIX 64
+#define POLICY_FULL_PREFIX  80
+
+struct cilia_policy_key {
+	__u32 prefixlen;     /* host byte order */
+	__u16 ep_id;         /* network byte order */
+	__u8  direction;     /* POLICY_INGRESS / POLICY_EGRESS */
+	__u8  proto;         /* IPPROTO_*, 0 = any */
+	__u32 identity;      /* peer identity, network byte order, 0 = any */
+	__u16 dport;         /* network byte order; ICMP: the type */
+	__u16 pad;           /* 0, never covered by prefixlen */
+};
+_Static_assert(sizeof(struct cilia_policy_key) == 16, "cilia_policy_key ABI");
+
+#define POLICY_F_ALLOW 0x1
+#define POLICY_F_DENY  0x2   /* wins over any ALLOW hit of the same packet */
+
+struct cilia_policy_value {
+	__u8  flags;         /* POLICY_F_* */
+	__u8  pad1;
+	__u16 pad2;
+	__u32 rule_cookie;   /* host byte order; names the rule for the control plane */
+};
+_Static_assert(sizeof(struct cilia_policy_value) == 8, "cilia_policy_value ABI");
+
+/* cilia_ct4_policy (LRU): connections policy already let through, keyed by the tuple of
+ * the packet that opened them (ct4_key, flags 0) as egress policy saw it: after service
+ * DNAT, before any reverse translation. Packets with that tuple, or its reverse, skip
+ * the policy lookups. */
+#define PCT_F_AUDIT 0x1      /* let through only because an endpoint was in audit mode */
+
+struct ct4_policy_entry {
+	__u32 created;       /* seconds of CLOCK_MONOTONIC */
+	__u32 last_seen;
+	__u16 flags;         /* PCT_F_* */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct ct4_policy_entry) == 12, "ct4_policy_entry ABI");
 
 #endif

@@ -5,9 +5,9 @@
 #include "common.h"
 #include "maps.h"
 
-static __always_inline void update_metrics(__u64 bytes, __u8 dir, __u8 reason)
+static __always_inline void update_metrics_flags(__u64 bytes, __u8 dir, __u8 reason, __u16 flags)
 {
-	struct metrics_key key = { .reason = reason, .dir = dir };
+	struct metrics_key key = { .reason = reason, .dir = dir, .flags = flags };
 	struct metrics_value *val;
 
 	val = bpf_map_lookup_elem(&cilia_metrics, &key);
@@ -20,6 +20,11 @@ static __always_inline void update_metrics(__u64 bytes, __u8 dir, __u8 reason)
 
 		bpf_map_update_elem(&cilia_metrics, &key, &init, BPF_ANY);
 	}
+}
+
+static __always_inline void update_metrics(__u64 bytes, __u8 dir, __u8 reason)
+{
+	update_metrics_flags(bytes, dir, reason, 0);
 }
 
 /* Counts the drop with Cilium's positive reason number and returns the tc verdict. */

@@ -14,6 +14,7 @@
 #include "nat.h"
 #include "fib.h"
 #include "lb.h"
+#include "policy.h"
 
 /* To the node of a remote backend, SNATed to us. The VNI says world: that is who sent it. */
 static __always_inline int nodeport_forward(struct __sk_buff *skb, __u32 backend)
@@ -55,6 +56,10 @@ static __always_inline bool nodeport_lb4(struct __sk_buff *skb, const struct iph
 		if (d.write_reply && (ret = lb4_write_reply(&p, &d, p.key.saddr, CT_F_NODEPORT)))
 			goto drop;
 		if ((ret = lb4_dnat(skb, &p, &d)))
+			goto drop;
+		/* The backend's ingress policy sees the client as it is: nothing hides it on
+		 * the way to a local backend. */
+		if ((ret = policy_ingress4(skb, ep, policy_ipcache_identity(p.key.saddr))))
 			goto drop;
 		*verdict = deliver_to_pod(skb, ep, METRIC_INGRESS);
 		return true;

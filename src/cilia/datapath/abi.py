@@ -12,8 +12,13 @@ import subprocess
 from ctypes import Structure, c_uint8, c_uint16, c_uint32, c_uint64
 
 EP_F_HOST = 0x1
+EP_F_POLICY_INGRESS_ENFORCED = 0x2
+EP_F_POLICY_EGRESS_ENFORCED = 0x4
+EP_F_POLICY_AUDIT = 0x8
+EP_F_POLICY_MASK = EP_F_POLICY_INGRESS_ENFORCED | EP_F_POLICY_EGRESS_ENFORCED | EP_F_POLICY_AUDIT
 METRIC_INGRESS = 1
 METRIC_EGRESS = 2
+METRIC_F_AUDIT = 0x1  # metrics_key.flags: a policy drop that audit mode forwarded
 
 ROUTING_NATIVE = 0
 ROUTING_TUNNEL = 1
@@ -50,6 +55,15 @@ CT_TUPLE_SERVICE = 0x4
 CT_F_HAIRPIN = 0x1
 CT_F_NODEPORT = 0x2
 CT_F_SNAT = 0x4
+
+# Network policy (cilia_policy LPM trie; key fields after prefixlen in network byte order).
+POLICY_INGRESS = 0
+POLICY_EGRESS = 1
+POLICY_FIXED_PREFIX = 64  # ep_id + direction + proto + identity, always exact
+POLICY_FULL_PREFIX = 80   # + all 16 bits of dport: what the datapath looks up
+POLICY_F_ALLOW = 0x1
+POLICY_F_DENY = 0x2
+PCT_F_AUDIT = 0x1         # ct4_policy_entry.flags
 
 
 class cilia_config(Structure):
@@ -91,7 +105,7 @@ class endpoint_info(Structure):
 
 
 class metrics_key(Structure):
-    _fields_ = [("reason", c_uint8), ("dir", c_uint8), ("reserved", c_uint16 * 3)]
+    _fields_ = [("reason", c_uint8), ("dir", c_uint8), ("flags", c_uint16), ("reserved", c_uint16 * 2)]
 
 
 class metrics_value(Structure):
@@ -206,11 +220,33 @@ class lb4_sk_rev_val(Structure):
     _fields_ = [("address", c_uint32), ("port", c_uint16), ("rev_nat_index", c_uint16)]
 
 
+class cilia_policy_key(Structure):
+    # ep_id, identity and dport hold network-order values (socket.htons/htonl).
+    _fields_ = [
+        ("prefixlen", c_uint32),
+        ("ep_id", c_uint16),
+        ("direction", c_uint8),
+        ("proto", c_uint8),
+        ("identity", c_uint32),
+        ("dport", c_uint16),
+        ("pad", c_uint16),
+    ]
+
+
+class cilia_policy_value(Structure):
+    _fields_ = [("flags", c_uint8), ("pad1", c_uint8), ("pad2", c_uint16), ("rule_cookie", c_uint32)]
+
+
+class ct4_policy_entry(Structure):
+    _fields_ = [("created", c_uint32), ("last_seen", c_uint32), ("flags", c_uint16), ("pad", c_uint16)]
+
+
 MIRRORS: tuple[type[Structure], ...] = (
     cilia_config, endpoint_key, endpoint_info, metrics_key, metrics_value,
     ipcache_key, ipcache_value, nat_key4, nat_entry4,
     lb4_key, lb4_service, lb4_backend, lb4_reverse_nat, lb4_maglev_key, lb4_affinity_key,
     lb4_affinity_val, ct4_key, ct4_entry, lb4_sk_rev_key, lb4_sk_rev_val,
+    cilia_policy_key, cilia_policy_value, ct4_policy_entry,
 )
 
 

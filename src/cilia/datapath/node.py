@@ -15,8 +15,10 @@ from pathlib import Path
 from . import abi, tc
 from . import libbpf as _libbpf
 from . import lb as lbmod
+from . import policy as polmod
 from .lb import LBBackend, LBService, ServiceTable  # noqa: F401  (the agent's LB API types)
 from .loader import BpfObject
+from .policy import PolicyEntry, PolicyTable  # noqa: F401  (the agent's policy API types)
 from .reasons import reason_name
 
 LXC_OBJECT = "bpf_lxc.o"
@@ -55,16 +57,19 @@ _MAP_TYPES = {
     MAP_SNAT_REV: (abi.nat_key4, abi.nat_entry4),
     **lbmod.MAP_TYPES,
     MAP_SK_REV: (abi.lb4_sk_rev_key, abi.lb4_sk_rev_val),
+    **polmod.MAP_TYPES,
 }
 # Every object is loaded with the same pin root, so a map pinned by the first is reused
 # by the others: they all see one set of maps.
 # Service translation happens in all three (pod egress, overlay and uplink delivery), so
 # every object carries the LB, conntrack and NAT maps.
 _ALL_MAPS = (MAP_LXC, MAP_LXC_IF, MAP_METRICS, MAP_IPCACHE, MAP_SNAT, MAP_SNAT_REV, *lbmod.MAP_TYPES)
+# Policy is enforced wherever a packet leaves or enters a pod: the three tc objects.
+_TC_MAPS = (*_ALL_MAPS, *polmod.MAP_TYPES)
 _OBJECTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    LXC_OBJECT: ((PROG_FROM_CONTAINER, PROG_TO_CONTAINER), _ALL_MAPS),
-    OVERLAY_OBJECT: ((PROG_FROM_OVERLAY, PROG_TO_OVERLAY), _ALL_MAPS),
-    HOST_OBJECT: ((PROG_FROM_NETDEV, PROG_TO_NETDEV), _ALL_MAPS),
+    LXC_OBJECT: ((PROG_FROM_CONTAINER, PROG_TO_CONTAINER), _TC_MAPS),
+    OVERLAY_OBJECT: ((PROG_FROM_OVERLAY, PROG_TO_OVERLAY), _TC_MAPS),
+    HOST_OBJECT: ((PROG_FROM_NETDEV, PROG_TO_NETDEV), _TC_MAPS),
     SOCK_OBJECT: ((PROG_SOCK_CONNECT, PROG_SOCK_SENDMSG, PROG_SOCK_RECVMSG, PROG_SOCK_GETPEERNAME),
                   (*_ALL_MAPS, MAP_SK_REV)),
 }
@@ -210,6 +215,7 @@ class NodeDatapath:
         self.config = config
         self.obj_dir = obj_dir
         self._objs: dict[str, BpfObject] = {}
+        self._policy: PolicyTable | None = None
 
     # -- lifecycle ---------------------------------------------------------
     def load(self) -> "NodeDatapath":
@@ -237,6 +243,7 @@ class NodeDatapath:
     def close(self) -> None:
         """Drop our handles. Attached programs and pinned maps stay in the kernel."""
         objs, self._objs = self._objs, {}
+        self._policy = None
         for o in objs.values():
             o.close()
 
@@ -429,10 +436,16 @@ class NodeDatapath:
 
     # -- endpoints ---------------------------------------------------------
     def upsert_endpoint(self, ep: EndpointEntry) -> None:
+        """Policy bits (abi.EP_F_POLICY_*) in ep.flags are written as given; without any,
+        an existing entry of the same endpoint keeps its own, so rewriting an endpoint
+        (new identity, restore) never drops its enforcement. A new endpoint that must not
+        pass unenforced traffic even briefly is created with them (policy synced first)."""
         info = ep.to_abi()
         lxc, lxc_if = self._map(MAP_LXC), self._map(MAP_LXC_IF)
         key = abi.endpoint_key(ip4=info.ip4)
         old = lxc.lookup(key)
+        if old is not None and old.ep_id == info.ep_id and not info.flags & abi.EP_F_POLICY_MASK:
+            info.flags |= old.flags & abi.EP_F_POLICY_MASK
         if old is not None and old.ifindex != info.ifindex:
             self._delete_if_entry(old.ifindex, info.ip4)
         if info.ifindex:
@@ -456,22 +469,79 @@ class NodeDatapath:
         b = self._delete_if_entry(ifindex, ip_be) if ifindex else False
         return a or b
 
+    def set_endpoint_policy_flags(self, ip4: str, ifindex: int, ingress: bool, egress: bool,
+                                  audit: bool) -> None:
+        """Which directions of the endpoint are enforced (an unenforced one allows all)
+        and whether its policy drops are only counted (audit). Written to both endpoint
+        maps: the sender's copy (cilia_lxc_if) serves egress, the receiver's (cilia_lxc)
+        ingress. Raises KeyError for an unknown endpoint."""
+        lxc, lxc_if = self._map(MAP_LXC), self._map(MAP_LXC_IF)
+        key = abi.endpoint_key(ip4=ip4_to_be32(ip4))
+        info = lxc.lookup(key)
+        if info is None:
+            raise KeyError(f"no endpoint {ip4}")
+        if ifindex and info.ifindex != ifindex:
+            raise ValueError(f"endpoint {ip4} is on ifindex {info.ifindex}, not {ifindex}")
+        bits = ((abi.EP_F_POLICY_INGRESS_ENFORCED if ingress else 0)
+                | (abi.EP_F_POLICY_EGRESS_ENFORCED if egress else 0)
+                | (abi.EP_F_POLICY_AUDIT if audit else 0))
+        info.flags = (info.flags & ~abi.EP_F_POLICY_MASK) | bits
+        if info.ifindex:
+            lxc_if.update(ctypes.c_uint32(info.ifindex), info)
+        lxc.update(key, info)
+
     def endpoints(self) -> list[EndpointEntry]:
         eps = [EndpointEntry.from_abi(v) for _, v in self._map(MAP_LXC).lookup_batch()]
         return sorted(eps, key=lambda e: ipaddress.IPv4Address(e.ip4))
 
+    # -- network policy ------------------------------------------------------
+    @property
+    def policy(self) -> PolicyTable:
+        # One table per load: it remembers what each endpoint has in the map.
+        if self._policy is None:
+            self._object(LXC_OBJECT)
+            self._policy = PolicyTable(self._map)
+        return self._policy
+
+    def sync_policy(self, ep_id: int, entries: list[PolicyEntry]) -> tuple[int, int]:
+        """Make the endpoint's policy map entries equal ``entries``: new and changed
+        ones are written first, stale ones deleted after (batched), so no allow that
+        stays is ever missing. Returns (upserts, deletes)."""
+        return self.policy.sync(ep_id, entries)
+
+    def delete_policy(self, ep_id: int) -> int:
+        """Remove every entry of the endpoint; returns how many there were."""
+        return self.policy.delete(ep_id)
+
+    def policy_entries(self, ep_id: int | None = None) -> list[dict]:
+        """The policy map as the kernel holds it (all endpoints, or one)."""
+        return self.policy.entries(ep_id)
+
+    def policy_ct_entries(self) -> list[dict]:
+        return self.policy.ct_entries()
+
+    def flush_policy_ct(self) -> int:
+        """Forget the connections policy let through, so established ones are judged
+        again by the current policy (their replies too, as new connections)."""
+        return self.policy.flush_ct()
+
     # -- observability -----------------------------------------------------
     def metrics(self) -> list[dict]:
+        """Counters by (reason, direction). Entries with ``audit`` True count packets
+        that policy would have dropped for ``reason`` but audit mode forwarded (they are
+        also in the forwarded count); drop counters never include them."""
         out = []
         for k, per_cpu in self._map(MAP_METRICS).lookup_batch():
+            audit = bool(k.flags & abi.METRIC_F_AUDIT)
             out.append({
                 "reason": k.reason,
-                "reason_name": reason_name(k.reason),
+                "reason_name": reason_name(k.reason) + (" (audit)" if audit else ""),
                 "direction": _DIRECTION_NAMES.get(k.dir, f"UNKNOWN({k.dir})"),
+                "audit": audit,
                 "packets": sum(v.count for v in per_cpu),
                 "bytes": sum(v.bytes for v in per_cpu),
             })
-        return sorted(out, key=lambda m: (m["direction"], m["reason"]))
+        return sorted(out, key=lambda m: (m["direction"], m["reason"], m["audit"]))
 
     # -- pins --------------------------------------------------------------
     @staticmethod
