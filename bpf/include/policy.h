@@ -55,7 +55,7 @@ struct {
 
 /* One packet as policy sees it at one hook. */
 struct policy_pkt {
-	struct ct4_key tuple;  /* its own tuple; ICMP echo: the id as sport (request) / dport (reply) */
+	struct ct4_key tuple;  /* its own tuple; ICMP queries: see policy_icmp_ports */
 	struct ct4_key inner;  /* ICMP error: the tuple of the packet it reports on */
 	__u16 port;            /* what rules match, network order: dport, or the ICMP type */
 	__u8  proto;
@@ -70,16 +70,30 @@ static __always_inline __u32 policy_now(void)
 	return (__u32)(bpf_ktime_get_ns() / 1000000000ULL);
 }
 
-/* Echo requests carry their id as the source "port", replies as the destination one, so
- * the reply's tuple is the request's reversed. */
+/* Query/answer ICMP: the request carries (id, type) as (sport, dport), the answer
+ * (request type, id), so the answer's tuple is the request's reversed and an echo does
+ * not open the way for a timestamp request with the same id. */
 static __always_inline void policy_icmp_ports(struct ct4_key *t, __u8 type, __u16 id)
 {
-	if (type == ICMP_ECHO || type == ICMP_TIMESTAMP || type == ICMP_INFO_REQUEST ||
-	    type == ICMP_ADDRESS)
+	switch (type) {
+	case ICMP_ECHO:
+	case ICMP_TIMESTAMP:
+	case ICMP_INFO_REQUEST:
+	case ICMP_ADDRESS:
 		t->sport = id;
-	else if (type == ICMP_ECHOREPLY || type == ICMP_TIMESTAMPREPLY || type == ICMP_INFO_REPLY ||
-		 type == ICMP_ADDRESSREPLY)
+		t->dport = bpf_htons(type);
+		break;
+	case ICMP_ECHOREPLY:
+		t->sport = bpf_htons(ICMP_ECHO);
 		t->dport = id;
+		break;
+	case ICMP_TIMESTAMPREPLY:
+	case ICMP_INFO_REPLY:
+	case ICMP_ADDRESSREPLY:
+		t->sport = bpf_htons(type - 1);
+		t->dport = id;
+		break;
+	}
 }
 
 static __always_inline bool policy_has_ports(__u8 proto)

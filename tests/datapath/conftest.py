@@ -100,9 +100,10 @@ class Runner:
     def __init__(self, dp: NodeDatapath, ns: TestNetns):
         self.dp, self.ns = dp, ns
 
-    def __call__(self, prog: str, frame: bytes, ifindex: int = 0, cb: tuple[int, ...] | None = None
-                 ) -> testrun.TestRunResult:
-        ctx = testrun.skb_ctx(ifindex=ifindex, cb=cb or ()) if ifindex or cb is not None else None
+    def __call__(self, prog: str, frame: bytes, ifindex: int = 0, cb: tuple[int, ...] | None = None,
+                 ingress_ifindex: int = 0) -> testrun.TestRunResult:
+        ctx = (testrun.skb_ctx(ifindex=ifindex, cb=cb or (), ingress_ifindex=ingress_ifindex)
+               if ifindex or cb is not None or ingress_ifindex else None)
         return self.ns.ex.run(testrun.prog_test_run, self.dp.program_fd(prog), frame, ctx=ctx)
 
 

@@ -38,11 +38,15 @@ class TestRunResult:
         return struct.unpack_from("=5I", self.ctx_out, SKB_CB_OFF) if len(self.ctx_out) >= SKB_CTX_LEN else ()
 
 
-def skb_ctx(ifindex: int = 0, mark: int = 0, priority: int = 0, cb: tuple[int, ...] = ()) -> bytes:
-    """A ``struct __sk_buff`` prefix for ``ctx`` with the fields test-run honours."""
+def skb_ctx(ifindex: int = 0, mark: int = 0, priority: int = 0, cb: tuple[int, ...] = (),
+            ingress_ifindex: int = 0) -> bytes:
+    """A ``struct __sk_buff`` prefix for ``ctx`` with the fields test-run honours.
+    ``ingress_ifindex`` 0 is what a locally originated packet has; test-run copies any
+    other value as is (no such device needs to exist)."""
     buf = bytearray(SKB_CTX_LEN)
     struct.pack_into("=I", buf, SKB_MARK_OFF, mark)
     struct.pack_into("=I", buf, SKB_PRIORITY_OFF, priority)
+    struct.pack_into("=I", buf, SKB_INGRESS_IFINDEX_OFF, ingress_ifindex)
     struct.pack_into("=I", buf, SKB_IFINDEX_OFF, ifindex)
     cb = tuple(cb) + (0,) * (5 - len(cb))
     struct.pack_into("=5I", buf, SKB_CB_OFF, *cb)
