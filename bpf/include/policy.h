@@ -11,7 +11,23 @@
  * must not cut the replies of connections opened before. A TCP SYN without ACK always
  * counts as a new connection, so a reused tuple or a policy tightened since the first
  * connection is judged again; an established connection keeps flowing until it has been
- * idle for its lifetime (the agent may flush the table to cut them). */
+ * idle for its lifetime (the agent may flush the table to cut them).
+ *
+ * Where, and who the peer is (the packet as it is after service translation):
+ *   egress   cil_from_container, after DNAT: the destination pod's identity (local
+ *            endpoint map), the host for node addresses, else the ipcache (LPM: pods on
+ *            other nodes, remote nodes, CIDR identities), else world.
+ *   ingress  local delivery in cil_from_container: the sending pod's identity (a pod
+ *            hairpinned through a service meets its own); cil_from_overlay: the VNI, with
+ *            another node's "host" read as remote-node; cil_from_netdev (also NodePort to
+ *            a local backend, client address intact): the ipcache of the source, else
+ *            world; cil_to_container (the node stack): host when the host originated the
+ *            packet or it comes from the node's addresses, else the ipcache, else world.
+ *   NodePort to a backend on another node arrives SNATed to the first node: as world
+ *   through the tunnel (that node's VNI), as that node's ipcache identity (remote-node)
+ *   with native routing.
+ * Drops count under (reason, direction of the policy): an egress policy drop under
+ * METRIC_EGRESS, an ingress one under METRIC_INGRESS, wherever it happened. */
 #ifndef CILIA_POLICY_H
 #define CILIA_POLICY_H
 
