@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from bench import podstart, samenode
+from bench import crossnode, podstart, samenode, store_latency
 from bench.common import RESULTS_DIR, fmt, table
 
 BEGIN, END = "<!-- bench:results:begin -->", "<!-- bench:results:end -->"
@@ -29,7 +29,7 @@ def _load(res: dict) -> str:
 
 def render() -> str:
     out: list[str] = []
-    results = {n: load(n) for n in ("podstart", "samenode")}
+    results = {n: load(n) for n in ("podstart", "samenode", "crossnode", "store")}
     any_res = next((r for r in results.values() if r), None)
     if any_res is None:
         return "(no results in bench/results/; run `make bench`)\n"
@@ -73,6 +73,34 @@ def render() -> str:
         progs = sorted({p.split(":")[0] for v in tc.values() for d in v.values() for p in d})
         out += [f"cilia pods' host veths carried BPF programs {', '.join(f'`{p}`' for p in progs)} (tc names, truncated) during the run; "
                 "the baseline veths carried none.", ""]
+    cn = results["crossnode"]
+    if cn:
+        modes = cn["modes"]
+        mtus = ", ".join(f"{m} {modes[m]['cilia']['pod_mtu']}" for m in crossnode.MODES
+                         if m in modes)
+        out += ["### Cross-node pod-to-pod: cilia vs the kernel without BPF (2-node labs, pod "
+                f"MTU {mtus}, same MTU in each baseline)", "",
+                f"Command: `{cn['command']}` — {cn['wall_s']:.0f} s, {_load(cn)}, "
+                f"cilia {cn['machine']['git_commit']}, {cn['machine']['date']}.", "",
+                crossnode.render(cn), "",
+                "Every repetition (TCP/UDP: p50 RTT µs; stream: Gbit/s):", "",
+                crossnode.render_samples(cn), ""]
+        progs = {}
+        for m, r in modes.items():
+            tc = r["cilia"]["nodes"]["node1"]["tc"]
+            progs[m] = sorted({f"{d if not d.startswith('lxc') else 'lxc…'} "
+                               f"{dirn}: {p.split(':')[0]}"
+                               for d, v in tc.items() for dirn, ps in v.items() for p in ps})
+        out += ["BPF programs on node1 during the run (tc names, truncated): "
+                + "; ".join(f"{m}: " + ", ".join(f"`{p}`" for p in ps)
+                            for m, ps in progs.items())
+                + ". The baseline namespaces carried none.", ""]
+    st = results["store"]
+    if st:
+        out += [f"### Store: put → watch latency and resync ({st['ops']} operations per case)",
+                "", f"Command: `{st['command']}` — {st['wall_s']:.0f} s, {_load(st)}, "
+                f"cilia {st['machine']['git_commit']}, {st['machine']['date']}.", "",
+                store_latency.render(st), ""]
     return "\n".join(out)
 
 

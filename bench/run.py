@@ -1,4 +1,5 @@
-"""Entry point: `python -m bench.run [--only podstart,samenode] [--quick]` (what `make bench` runs).
+"""Entry point: `python -m bench.run [--only podstart,samenode,crossnode,store] [--quick]` (what
+`make bench` runs).
 
 Prints a table per benchmark and writes bench/results/<benchmark>.json (git-ignored).
 `python -m bench.report` turns the results into the tables of docs/benchmarks.md."""
@@ -10,10 +11,11 @@ import shlex
 import sys
 import time
 
-from bench import podstart, samenode
+from bench import crossnode, podstart, samenode, store_latency
 from bench.common import install_signal_handlers, machine, write_result
 
-BENCHMARKS = {"podstart": podstart, "samenode": samenode}
+BENCHMARKS = {"podstart": podstart, "samenode": samenode, "crossnode": crossnode,
+              "store": store_latency}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=",".join(BENCHMARKS),
                     help="comma-separated benchmarks (default: all): " + ", ".join(BENCHMARKS))
     ap.add_argument("--quick", action="store_true",
-                    help="fewer repetitions (2 per samenode measurement, 1 burst of pods)")
+                    help="fewer repetitions (2 per samenode/crossnode measurement, 1 burst of "
+                         "pods, 300 store operations and 1 resync)")
     ap.add_argument("--reps", type=int, default=None, help="override the repetition count")
     ap.add_argument("--seconds", type=int, default=5,
                     help="duration of each sockperf/iperf3 measurement (default 5)")
@@ -47,8 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if b == "podstart":
                 res = podstart.run(quick=args.quick, pods=args.pods, reps=args.reps)
-            else:
+            elif b == "samenode":
                 res = samenode.run(quick=args.quick, reps=args.reps, secs=args.seconds)
+            elif b == "crossnode":
+                res = crossnode.run(quick=args.quick, reps=args.reps, secs=args.seconds)
+            else:
+                res = store_latency.run(quick=args.quick, reps=args.reps)
         except KeyboardInterrupt:
             print(f"\n{b}: interrupted; lab and namespaces removed", file=sys.stderr)
             return 130
