@@ -552,10 +552,13 @@ class SQLiteStore:
                         yield Event("DELETE", key.decode(), None, rev, prev)
                 if len(rows) == _WATCH_BATCH:
                     continue
+                # Not asyncio.wait_for: on Python 3.11 it can swallow a cancellation that
+                # races with the event being set, and the watch would never stop.
+                waiter = asyncio.ensure_future(wake.wait())
                 try:
-                    await asyncio.wait_for(wake.wait(), self.poll_interval)
-                except asyncio.TimeoutError:
-                    pass
+                    await asyncio.wait({waiter}, timeout=self.poll_interval)
+                finally:
+                    waiter.cancel()
         finally:
             self._wakeups.discard(wake)
 
