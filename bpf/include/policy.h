@@ -160,16 +160,27 @@ static __always_inline void policy_parse(struct __sk_buff *skb, const struct iph
 		return;
 
 	if (policy_has_ports(ip->protocol)) {
+		/* Direct access where the headers are in the linear part (always, for what a
+		 * veth or tunnel hands us): the helper costs more than the rest of the parse. */
+		void *data = (void *)(long)skb->data;
+		void *data_end = (void *)(long)skb->data_end;
+		__u8 *h = data + (l4 & 0x7f);
 		__u16 ports[2];
-		__u8 tcp_flags;
+		__u8 tcp_flags = 0;
 
-		if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)) < 0)
+		if ((void *)(h + 14) <= data_end) {
+			__builtin_memcpy(ports, h, sizeof(ports));
+			tcp_flags = h[13];
+		} else if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)) < 0) {
 			return;
+		} else if (ip->protocol == IPPROTO_TCP) {
+			bpf_skb_load_bytes(skb, l4 + 13, &tcp_flags, 1);
+		}
 		pp->tuple.sport = ports[0];
 		pp->tuple.dport = ports[1];
 		pp->port = ports[1];
 		/* tcphdr byte 13: CWR ECE URG ACK PSH RST SYN FIN */
-		if (ip->protocol == IPPROTO_TCP && bpf_skb_load_bytes(skb, l4 + 13, &tcp_flags, 1) == 0)
+		if (ip->protocol == IPPROTO_TCP)
 			pp->syn = (tcp_flags & 0x12) == 0x02;
 	} else if (ip->protocol == IPPROTO_ICMP) {
 		struct icmphdr icmp;
