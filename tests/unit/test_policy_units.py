@@ -65,12 +65,22 @@ def test_network_policy_peers_translate_as_cilium_does():
     ]}]})
     assert _peers(obj) == [
         "k8s:io.kubernetes.pod.namespace=x,k8s:pod=b",
-        "k8s:io.cilium.k8s.namespace.labels.team=blue",
+        "k8s:io.cilium.k8s.namespace.labels.team=blue,k8s:io.kubernetes.pod.namespace",
         "k8s:io.kubernetes.pod.namespace",
-        "k8s:io.cilium.k8s.namespace.labels.team notin (red),k8s:pod=c",
+        "k8s:io.cilium.k8s.namespace.labels.team notin (red),k8s:io.kubernetes.pod.namespace,k8s:pod=c",
         "10.0.0.0/8 except 10.1.0.0/16",
     ]
     assert str(translate(obj).rules[0].subject) == "k8s:io.kubernetes.pod.namespace=x,k8s:pod=a"
+
+
+def test_negative_namespace_selectors_select_only_endpoints():
+    # cilium/cilium#46949: NotIn alone would also select host, world and CIDR identities.
+    m = Model([np_("out", "x", {"podSelector": pod("a"), "policyTypes": ["Egress"], "egress": [
+        {"to": [{"namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "NotIn", "values": ["red"]}]}}]}]}),
+        cnp("out2", "x", {"endpointSelector": pod("b"), "egress": [{"toEndpoints": [
+            {"matchExpressions": [{"key": "io.kubernetes.pod.namespace", "operator": "NotIn", "values": ["x"]}]}]}]})])
+    assert [m.reach("x/a", d, 80) for d in ("y/a", "x/b", "host", "203.0.113.5")] == [".", "X", "X", "X"]
+    assert [m.reach("x/b", d, 80) for d in ("y/a", "x/a", "host", "203.0.113.5")] == [".", "X", "X", "X"]
 
 
 def test_network_policy_rule_without_peers_selects_everything():

@@ -48,8 +48,11 @@ def _np_peer(peer: dict, ns: str):
         return CIDRSelector.of(peer["ipBlock"]["cidr"], peer["ipBlock"].get("except") or ())
     reqs = k8s_requirements(peer.get("podSelector"), "k8s")
     if "namespaceSelector" in peer:
-        ns_reqs = k8s_requirements(peer["namespaceSelector"], "k8s", NAMESPACE_LABELS_PREFIX)
-        reqs += ns_reqs or [requirement("k8s", POD_NAMESPACE_KEY, EXISTS)]
+        reqs += k8s_requirements(peer["namespaceSelector"], "k8s", NAMESPACE_LABELS_PREFIX)
+        # Always, not only for {}: a selector made of NotIn/DoesNotExist alone would also
+        # match host, world and CIDR identities, which carry no namespace labels (Cilium
+        # bug #46949, fixed the same way in cilium/cilium#46996).
+        reqs.append(requirement("k8s", POD_NAMESPACE_KEY, EXISTS))
     else:
         reqs.append(_ns_pin(ns))
     return LabelSelector.of(reqs)
@@ -87,10 +90,12 @@ def _endpoint_peer(sel: dict, ns: str) -> LabelSelector:
     es = LabelSelector.from_k8s(sel, "any")
     if es.has_source("reserved"):
         return es
-    if es.has_key(POD_NAMESPACE_KEY, ("k8s", "any")):
+    ns_reqs = [r for r in es.requirements if r.key == POD_NAMESPACE_KEY and r.source in ("k8s", "any")]
+    if any(r.op in (IN, EXISTS) for r in ns_reqs):
         return es
-    if ns:
+    if ns and not ns_reqs:
         return es.with_requirements([_ns_pin(ns)])
+    # Clusterwide, or a namespace named only negatively (NotIn): still only endpoints.
     return es.with_requirements([requirement("k8s", POD_NAMESPACE_KEY, EXISTS)])
 
 def _entity(name: str):
