@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from bench import crossnode, podstart, samenode, store_latency
+from bench import crossnode, podstart, samenode, services, store_latency
 from bench.common import RESULTS_DIR, fmt, table
 
 BEGIN, END = "<!-- bench:results:begin -->", "<!-- bench:results:end -->"
@@ -29,7 +29,8 @@ def _load(res: dict) -> str:
 
 def render() -> str:
     out: list[str] = []
-    results = {n: load(n) for n in ("podstart", "samenode", "crossnode", "store")}
+    results = {n: load(n) for n in ("podstart", "samenode", "crossnode", "store",
+                                             "services")}
     any_res = next((r for r in results.values() if r), None)
     if any_res is None:
         return "(no results in bench/results/; run `make bench`)\n"
@@ -101,7 +102,56 @@ def render() -> str:
                 "", f"Command: `{st['command']}` — {st['wall_s']:.0f} s, {_load(st)}, "
                 f"cilia {st['machine']['git_commit']}, {st['machine']['date']}.", "",
                 store_latency.render(st), ""]
+    sv = results["services"]
+    if sv:
+        out += _services(sv)
     return "\n".join(out)
+
+
+def _services(sv: dict) -> list[str]:
+    cp, dp, ipt = sv["control_plane"], sv["data_plane"], sv["iptables"]
+    out = ["### Services: cilia's BPF load balancer vs kube-proxy's iptables layout", "",
+           f"Command: `{sv['command']}` — {sv['wall_s']:.0f} s, {_load(sv)}, "
+           f"cilia {sv['machine']['git_commit']}, {sv['machine']['date']}; "
+           f"{ipt['version']} ({ipt['restore']}).", "",
+           "Control plane (scratch netns, fresh pin dir / empty nat table per run):", "",
+           services.render_control(cp, ipt["backend"]), ""]
+    rows = [[label, " ".join(services._ms(v) for v in cp["samples"][k])]
+            for k, label in (("cilia_full_s", "cilia: upsert_services, 10,000"),
+                             ("cilia_add_one_s", "cilia: upsert_service, +1"),
+                             ("ipt_full_s", "iptables-restore, 10,000"),
+                             ("ipt_add_one_full_s", "iptables-restore, full sync +1"),
+                             ("ipt_add_one_partial_s", "iptables-restore, partial sync +1"))]
+    b = cp["restore_bytes"]
+    out += [table(["control plane", "per run"], rows, left=2), "",
+            f"iptables-restore input: {b['full'] / 1e6:.1f} MB for the full restore, "
+            f"{b['add_one_partial'] / 1e6:.1f} MB for the partial sync; "
+            + "after the full restore `iptables-save -t nat` lists "
+            + ", ".join(f"{v:,} {k}" for k, v in (cp["checks"][0]["iptables_after_full"] or {}).items())
+            + " (built-in chains and the nodeports jump included).", ""]
+    f = dp["medians"]["flatness"]
+    out += [f"Data plane: new connection latency (connect + HTTP/1.0 GET + response + close, "
+            f"Python client in a pod, `cilia/echo` server, both on CPU {dp['cpu_pin']}), "
+            f"{dp['conns']} connections per run, median of {dp['reps']} runs:", "",
+            services.render_data(dp), "",
+            f"{dp['counts'][-1]:,} ÷ {dp['counts'][0]:,} services, p50: cilia {f['cilia']:.2f}, "
+            f"iptables {f['iptables']:.2f}, direct (control, no service involved) "
+            f"{f['direct']:.2f}.", "", "Every run (p50 µs):", ""]
+    rows = []
+    for c in dp["counts"]:
+        for path in services.PATHS:
+            runs = dp["samples"][str(c)][path]
+            rows.append([f"{c:,}", path, " ".join(fmt(s["p50"]) for s in runs),
+                         sum(s.get("over_900ms", 0) for s in runs)])
+    out += [table(["services", "path", "p50 per run", "connections > 0.9 s (all runs)"], rows,
+                  left=3), ""]
+    setup = dp["setup"]
+    out += ["Set-up in the lab: " + "; ".join(
+        f"{c}: {setup[c]['cilia_services_in_map']} frontends in node1's LB map "
+        f"(dummies written in {services._ms(setup[c]['cilia_write_s'])}), "
+        f"{setup[c]['iptables']['KUBE-SERVICES rules'] - 1} service rules in KUBE-SERVICES "
+        f"(restored in {services._ms(setup[c]['iptables_restore_s'])})" for c in setup) + ".", ""]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,11 +11,11 @@ import shlex
 import sys
 import time
 
-from bench import crossnode, podstart, samenode, store_latency
+from bench import crossnode, podstart, samenode, services, store_latency
 from bench.common import install_signal_handlers, machine, write_result
 
 BENCHMARKS = {"podstart": podstart, "samenode": samenode, "crossnode": crossnode,
-              "store": store_latency}
+              "store": store_latency, "services": services}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated benchmarks (default: all): " + ", ".join(BENCHMARKS))
     ap.add_argument("--quick", action="store_true",
                     help="fewer repetitions (2 per samenode/crossnode measurement, 1 burst of "
-                         "pods, 300 store operations and 1 resync)")
+                         "pods, 300 store operations and 1 resync, services: 2 runs of 1000 "
+                         "connections)")
     ap.add_argument("--reps", type=int, default=None, help="override the repetition count")
     ap.add_argument("--seconds", type=int, default=5,
                     help="duration of each sockperf/iperf3 measurement (default 5)")
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                 res = podstart.run(quick=args.quick, pods=args.pods, reps=args.reps)
             elif b == "samenode":
                 res = samenode.run(quick=args.quick, reps=args.reps, secs=args.seconds)
+            elif b == "services":
+                res = services.run(quick=args.quick, reps=args.reps)
             elif b == "crossnode":
                 res = crossnode.run(quick=args.quick, reps=args.reps, secs=args.seconds)
             else:
