@@ -453,3 +453,39 @@ def test_port_rules_match_reference_on_every_port(policies):
             got = simulate(entries, pol.ep_id, 0, eps["p1"].identity, PROTO_N[proto], port)
             want = ref.direction(pods[0], False, pods[1], proto, port)
             assert (got == "ALLOW") == (want == "ALLOW"), (proto, port, got, want)
+
+
+# ---- incremental patches equal recomputation ----
+
+@st.composite
+def churn(draw):
+    """Identities coming and going after the policies are in place."""
+    ops = []
+    for i in range(draw(st.integers(1, 6))):
+        if ops and draw(st.booleans()):
+            ops.append(("remove", draw(st.sampled_from([o[1] for o in ops if o[0] == "add"] or [300]))))
+        else:
+            labels = draw(st.fixed_dictionaries({}, optional={"app": st.sampled_from(["a", "b"]),
+                                                              "tier": st.sampled_from(["f", "g"])}))
+            ops.append(("add", 600 + i, draw(st.sampled_from(["x", "y"])), labels))
+    return ops
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(world(), churn())
+def test_identity_patches_equal_recomputation(w, ops):
+    ns_labels = w[0]
+    engine, eps = build_engine(*w)
+    for op in ops:
+        if op[0] == "add":
+            _, n, ns, labels = op
+            engine.add_identity(Identity(n, tuple(pod_security_labels({**labels, "n": str(n)}, ns, ns_labels[ns]))))
+        else:
+            engine.remove_identity(op[1])
+        engine.regenerate()
+        for ep in eps.values():
+            realized = engine.realized(ep.ep_id)
+            fresh = engine.compute_endpoint(ep)
+            assert realized.entries == fresh.entries
+            assert {k: (set(a), set(d)) for k, (a, d) in realized.provenance.items()} == \
+                   {k: (set(a), set(d)) for k, (a, d) in fresh.provenance.items()}

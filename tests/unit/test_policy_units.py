@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from cilia.identity import Identity, pod_security_labels
 from cilia.policy import ALLOWED, AUDIT, DENIED, Endpoint, PolicyEngine

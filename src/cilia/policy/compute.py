@@ -75,6 +75,8 @@ class EndpointPolicy:
     provenance: Provenance      # every rule contribution before LPM folding and pruning
     selectors: frozenset        # selectors the entries depend on (incremental updates)
     egress_named_ports: bool    # resolved through the cluster-wide named-port map
+    rules: tuple = ()           # the rules selecting the endpoint (identity patches reuse them)
+    allow_localhost: bool = True
 
     def direction(self, d: int) -> DirectionState:
         return self.ingress if d == INGRESS else self.egress
@@ -130,6 +132,8 @@ class PolicyEngine:
         self._endpoints: dict[int, Endpoint] = {}
         self._realized: dict[int, EndpointPolicy] = {}
         self._dirty: set[int] = set()
+        # ep_id -> identities whose entries alone must be recomputed (identity churn)
+        self._patches: dict[int, set[int]] = {}
         for ident in reserved_identities():
             self.cache.add_identity(ident)
 
@@ -176,12 +180,12 @@ class PolicyEngine:
             self._selector_refs[key] = selectors
         for sel in old_selectors:
             self.cache.remove_selector(sel)
-        self._sync_cidr(update)
+        churned = self._sync_cidr(update)
         self._mark_subjects(update.subjects)
-        self._mark_selectors(update.changed_selectors)
+        self._mark_selectors(update.changed_selectors, churned)
         return update
 
-    def _sync_cidr(self, update: Update) -> None:
+    def _sync_cidr(self, update: Update) -> set[int]:
         before = self.cidr.identities()
         added, removed = self.cidr.update(policy_prefixes(self._policies.values()))
         for ident in added:
@@ -191,19 +195,20 @@ class PolicyEngine:
         after = self.cidr.identities()
         update.cidr_added = {p: i for p, i in after.items() if before.get(p) != i}
         update.cidr_removed = {p: i for p, i in before.items() if after.get(p) != i}
+        return {i.id for i in added} | {i.id for i in removed}
 
     # ---- identities and named ports ----
 
     def add_identity(self, ident: Identity) -> Update:
         self.revision += 1
         update = Update(self.revision, changed_selectors=self.cache.add_identity(ident))
-        self._mark_selectors(update.changed_selectors)
+        self._mark_selectors(update.changed_selectors, {ident.id})
         return update
 
     def remove_identity(self, n: int) -> Update:
         self.revision += 1
         update = Update(self.revision, changed_selectors=self.cache.remove_identity(n))
-        self._mark_selectors(update.changed_selectors)
+        self._mark_selectors(update.changed_selectors, {n})
         return update
 
     def set_named_ports(self, owner: str, ports: NamedPorts | None) -> Update:
@@ -246,6 +251,7 @@ class PolicyEngine:
     def remove_endpoint(self, ep_id: int) -> EndpointPolicy | None:
         self._endpoints.pop(ep_id, None)
         self._dirty.discard(ep_id)
+        self._patches.pop(ep_id, None)
         self.set_named_ports(f"endpoint/{ep_id}", None)
         return self._realized.pop(ep_id, None)
 
@@ -256,20 +262,31 @@ class PolicyEngine:
         return self._realized.get(ep_id)
 
     def pending(self) -> set[int]:
-        return set(self._dirty)
+        return set(self._dirty) | set(self._patches)
 
     def regenerate(self) -> dict[int, EndpointUpdate]:
-        """Recompute the endpoints the changes since the last call can affect."""
+        """Recompute the endpoints the changes since the last call can affect.
+
+        Policy changes recompute an endpoint; identity churn only recomputes the entries
+        of the identities that came or went (exact: an identity's entries fold only within
+        its own buckets and are pruned only against wildcard buckets, which identity churn
+        never changes).
+        """
         out: dict[int, EndpointUpdate] = {}
-        for ep_id in sorted(self._dirty):
+        for ep_id in sorted(self._dirty | set(self._patches)):
             ep = self._endpoints.get(ep_id)
             if ep is None:
                 continue
-            new = self.compute_endpoint(ep)
-            upserts, deletes = new.diff(self._realized.get(ep_id))
+            old = self._realized.get(ep_id)
+            if ep_id in self._dirty or old is None:
+                new = self.compute_endpoint(ep)
+            else:
+                new = self._patch(old, ep, self._patches[ep_id])
+            upserts, deletes = new.diff(old)
             self._realized[ep_id] = new
             out[ep_id] = EndpointUpdate(new, upserts, deletes)
         self._dirty.clear()
+        self._patches.clear()
         # Untouched endpoints are provably unaffected, so they now reflect this revision too.
         for pol in self._realized.values():
             pol.revision = self.revision
@@ -283,12 +300,12 @@ class PolicyEngine:
             if any(s.matches_labels(idx) for s in subjects):
                 self._dirty.add(ep_id)
 
-    def _mark_selectors(self, changed: set) -> None:
+    def _mark_selectors(self, changed: set, identities: set[int]) -> None:
         if not changed:
             return
         for ep_id, pol in self._realized.items():
             if pol.selectors & changed:
-                self._dirty.add(ep_id)
+                self._patches.setdefault(ep_id, set()).update(identities)
 
     # ---- computation ----
 
@@ -329,28 +346,7 @@ class PolicyEngine:
         used: set = set()
         egress_named = False
         if mode != "never":
-            own = own_named_ports(named_ports)
-            egress = self._egress_resolver()
-            for r in rules:
-                if any(is_wildcard(p) for p in r.peers):
-                    ids: set[int] | list[int] = [0]
-                else:
-                    ids = set()
-                    for p in r.peers:
-                        used.add(p)
-                        ids |= self.cache.selections(p)
-                if r.ports:
-                    l4 = []
-                    for spec in r.ports:
-                        if spec.name and r.direction == EGRESS:
-                            egress_named = True
-                        l4 += expand(spec, own if r.direction == INGRESS else egress)
-                else:
-                    l4 = [(PROTO_ANY, 0, 0)]
-                flag = DENY if r.deny else ALLOW
-                for ident in ids:
-                    for proto, port, plen in l4:
-                        builder.add(EntryKey(r.direction, ident, proto, port, plen), flag, r.cookie)
+            used, egress_named = self._rule_entries(builder, rules, named_ports, None)
         for d in DIRECTIONS:
             if not states[d].enforced:
                 builder.add(EntryKey(d, 0, PROTO_ANY, 0, 0), ALLOW, COOKIE_NOT_ENFORCED)
@@ -359,7 +355,55 @@ class PolicyEngine:
         entries, provenance = builder.finalize(prune=self.prune)
         return EndpointPolicy(ep_id, endpoint_identity, labels, self.revision, mode, audit,
                               states[INGRESS], states[EGRESS], entries, provenance,
-                              frozenset(used), egress_named)
+                              frozenset(used), egress_named, tuple(rules), allow_localhost)
+
+    def _rule_entries(self, builder: MapStateBuilder, rules, named_ports: NamedPorts | None,
+                      only: set[int] | None) -> tuple[set, bool]:
+        """Add the entries of `rules`; with `only`, just those for these identities."""
+        own = own_named_ports(named_ports)
+        egress = self._egress_resolver()
+        used: set = set()
+        egress_named = False
+        for r in rules:
+            if any(is_wildcard(p) for p in r.peers):
+                if only is not None:
+                    continue
+                ids: set[int] | list[int] = [0]
+            else:
+                ids = set()
+                for p in r.peers:
+                    used.add(p)
+                    ids |= self.cache.selections(p)
+                if only is not None:
+                    ids &= only
+                    if not ids:
+                        continue
+            if r.ports:
+                l4 = []
+                for spec in r.ports:
+                    if spec.name and r.direction == EGRESS:
+                        egress_named = True
+                    l4 += expand(spec, own if r.direction == INGRESS else egress)
+            else:
+                l4 = [(PROTO_ANY, 0, 0)]
+            flag = DENY if r.deny else ALLOW
+            for ident in ids:
+                for proto, port, plen in l4:
+                    builder.add(EntryKey(r.direction, ident, proto, port, plen), flag, r.cookie)
+        return used, egress_named
+
+    def _patch(self, old: EndpointPolicy, ep: Endpoint, idents: set[int]) -> EndpointPolicy:
+        keep = {k: v for k, v in old.entries.items() if k.identity not in idents}
+        builder = MapStateBuilder()
+        if old.enforcement != "never":
+            self._rule_entries(builder, old.rules, ep.named_ports, idents)
+        if R.HOST in idents and old.ingress.enforced and old.allow_localhost:
+            builder.add(EntryKey(INGRESS, R.HOST, PROTO_ANY, 0, 0), ALLOW, COOKIE_ALLOW_LOCALHOST)
+        entries, provenance = builder.finalize(prune=self.prune, context=keep)
+        prov = {k: v for k, v in old.provenance.items() if k.identity not in idents}
+        prov.update(provenance)
+        keep.update(entries)
+        return dataclasses.replace(old, revision=self.revision, entries=keep, provenance=prov)
 
     @staticmethod
     def _direction_state(d: int, mode: str, selects: list[Selects]) -> DirectionState:

@@ -85,7 +85,7 @@ def _provenance(engine, pol: "EndpointPolicy", d: int, identity: int, proto: int
                 if (src := engine.rule_source(c)) is not None:
                     deny[src] = None
     for k, (a, dn) in pol.provenance.items():
-        if k.direction == d and k.identity in (identity, 0) and (a - {COOKIE_NOT_ENFORCED} or dn):
+        if k.direction == d and k.identity in (identity, 0) and (set(a) - {COOKIE_NOT_ENFORCED} or dn):
             peer_selected = True
             break
     return tuple(allow), tuple(deny), localhost, peer_selected

@@ -50,8 +50,7 @@ then still seen by a lookup that hits an ALLOW on port 80.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from .models import PROTO_ANY
 from .ports import PORT_BITS
@@ -79,8 +78,7 @@ def port_mask(port: int, plen: int) -> int:
     return (port >> (PORT_BITS - plen)) << (PORT_BITS - plen) if plen else 0
 
 
-@dataclass(frozen=True, order=True)
-class EntryKey:
+class EntryKey(NamedTuple):
     direction: int
     identity: int
     proto: int
@@ -92,8 +90,7 @@ class EntryKey:
                 + _KEY_DATA.pack(ep_id, self.direction, self.proto, self.identity, self.port, 0))
 
 
-@dataclass(frozen=True)
-class EntryValue:
+class EntryValue(NamedTuple):
     flags: int
     cookie: int
 
@@ -119,7 +116,7 @@ def unpack_value(data: bytes) -> EntryValue:
 
 Entries = dict[EntryKey, EntryValue]
 # raw provenance: key -> (allow cookies, deny cookies) of the rules that produced it
-Provenance = dict[EntryKey, tuple[frozenset[int], frozenset[int]]]
+Provenance = dict[EntryKey, tuple[tuple[int, ...], tuple[int, ...]]]
 
 
 def lpm(entries: Entries, direction: int, identity: int, proto: int, port: int) -> tuple[EntryKey, EntryValue] | None:
@@ -164,43 +161,77 @@ class MapStateBuilder:
     def __len__(self) -> int:
         return len(self._raw)
 
-    def finalize(self, prune: bool = True) -> tuple[Entries, Provenance]:
-        provenance: Provenance = {k: (frozenset(a), frozenset(d)) for k, (a, d) in self._raw.items()}
+    def finalize(self, prune: bool = True, context: Entries | None = None) -> tuple[Entries, Provenance]:
+        """(entries, provenance). `context`: final entries of other identities of the same
+        endpoint, which the pruning of these entries may rely on (incremental patches)."""
+        # Tuples, not sets: endpoints keep provenance for every entry, and a million live
+        # sets made the cyclic GC dominate recomputation time (tuples of ints are untracked).
+        provenance: Provenance = {k: (tuple(a), tuple(d)) for k, (a, d) in self._raw.items()}
         buckets: dict[tuple[int, int, int], dict[tuple[int, int], tuple[set[int], set[int]]]] = {}
         for k, v in self._raw.items():
-            buckets.setdefault((k.direction, k.identity, k.proto), {})[(k.port, k.plen)] = v
-        full: dict[EntryKey, tuple[int, int]] = {}
+            buckets.setdefault((k[0], k[1], k[2]), {})[(k[3], k[4])] = v
+        entries: Entries = {}
         for (d, ident, proto), bucket in buckets.items():
+            if len(bucket) == 1:
+                ((port, plen), (allow, deny)), = bucket.items()
+                flags = (ALLOW if allow else 0) | (DENY if deny else 0)
+                entries[EntryKey(d, ident, proto, port, plen)] = EntryValue(flags, min(deny) if deny else min(allow))
+                continue
+            plens = sorted({plen for _, plen in bucket})
             for (port, plen), (allow, deny) in bucket.items():
-                allow_all, deny_all = set(allow), set(deny)
-                for lp in range(plen):
+                allow_all, deny_all = allow, deny
+                for lp in plens:
+                    if lp >= plen:
+                        break
                     anc = bucket.get((port_mask(port, lp), lp))
                     if anc is not None:
-                        allow_all |= anc[0]
-                        deny_all |= anc[1]
+                        allow_all = allow_all | anc[0]
+                        deny_all = deny_all | anc[1]
                 flags = (ALLOW if allow_all else 0) | (DENY if deny_all else 0)
                 cookie = min(deny_all) if deny_all else min(allow_all)
-                full[EntryKey(d, ident, proto, port, plen)] = (flags, cookie)
-        entries = {k: EntryValue(f, c) for k, (f, c) in full.items()}
+                entries[EntryKey(d, ident, proto, port, plen)] = EntryValue(flags, cookie)
         if prune:
-            entries = {k: v for k, v in entries.items() if not _redundant(k, v, entries)}
+            index = _BucketIndex(entries, context)
+            entries = {k: v for k, v in entries.items() if not index.redundant(k, v)}
         return entries, provenance
 
 
-def _covering(entries: Entries, direction: int, identity: int, proto: int, port: int, plen: int, flag: int) -> bool:
-    for lp in range(plen + 1):
-        v = entries.get(EntryKey(direction, identity, proto, port_mask(port, lp), lp))
-        if v is not None and v.flags & flag:
-            return True
-    return False
+class _BucketIndex:
+    """Which port prefix lengths each (direction, identity, proto) bucket holds, so the
+    redundancy check probes only prefixes that exist."""
 
+    def __init__(self, *sources: Entries | None) -> None:
+        self.sources = [s for s in sources if s]
+        self.plens: dict[tuple[int, int, int], set[int]] = {}
+        for src in self.sources:
+            for k in src:
+                self.plens.setdefault((k[0], k[1], k[2]), set()).add(k[4])
 
-def _redundant(k: EntryKey, v: EntryValue, entries: Entries) -> bool:
-    """An entry the verdict never depends on: a more general bucket that the datapath
-    always looks up too already covers its whole port range with DENY (if it denies) or
-    ALLOW (if it only allows). Entries in the (0, 0) bucket are never redundant, so every
-    pruned entry is covered by a chain ending at a kept one."""
-    companions = [(i, p) for i in {k.identity, 0} for p in {k.proto, PROTO_ANY}
-                  if (i, p) != (k.identity, k.proto)]
-    flag = DENY if v.flags & DENY else ALLOW
-    return any(_covering(entries, k.direction, i, p, k.port, k.plen, flag) for i, p in companions)
+    def _get(self, key: EntryKey) -> EntryValue | None:
+        for src in self.sources:
+            v = src.get(key)
+            if v is not None:
+                return v
+        return None
+
+    def covering(self, d: int, ident: int, proto: int, port: int, plen: int, flag: int) -> bool:
+        for lp in self.plens.get((d, ident, proto), ()):
+            if lp <= plen:
+                v = self._get(EntryKey(d, ident, proto, port_mask(port, lp), lp))
+                if v is not None and v[0] & flag:
+                    return True
+        return False
+
+    def redundant(self, k: EntryKey, v: EntryValue) -> bool:
+        """An entry the verdict never depends on: a more general bucket the datapath
+        always looks up too already covers its whole port range with DENY (if it denies)
+        or ALLOW (if it only allows). Entries of the (0, 0) bucket are never redundant, so
+        every pruned entry is covered by a chain ending at a kept one."""
+        d, ident, proto, port, plen = k
+        if ident == 0 and proto == PROTO_ANY:
+            return False
+        flag = DENY if v[0] & DENY else ALLOW
+        for ci, cp in ((ident, PROTO_ANY), (0, proto), (0, PROTO_ANY)):
+            if (ci, cp) != (ident, proto) and self.covering(d, ci, cp, port, plen, flag):
+                return True
+        return False

@@ -15,7 +15,7 @@ from cilia.identity import reserved as R
 from cilia.identity.labels import parse_label
 from cilia.identity.reserved import Identity
 
-from .entities import CLUSTER_RESERVED, ENTITIES, EntitySelector, entity_matches  # noqa: F401
+from .entities import EntitySelector
 
 SOURCE_ANY = "any"
 POD_NAMESPACE_KEY = "io.kubernetes.pod.namespace"
@@ -84,6 +84,15 @@ def requirement(source: str, key: str, op: str, values: Iterable[str] = ()) -> R
 class LabelSelector:
     """AND of requirements; no requirements selects every identity (Cilium's wildcard)."""
     requirements: tuple[Requirement, ...] = ()
+
+    # Selectors are dict keys on every compute(); hashing the requirement tuple each time
+    # was a third of the computation.
+    def __hash__(self) -> int:
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(self.requirements)
+            object.__setattr__(self, "_hash", h)
+        return h
 
     @classmethod
     def of(cls, reqs: Iterable[Requirement]) -> "LabelSelector":
