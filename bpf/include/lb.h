@@ -271,6 +271,27 @@ static __always_inline int lb4_dnat(struct __sk_buff *skb, const struct nat_pkt 
 			   p->key.dport, d->backend.port);
 }
 
+/* A new direct TCP connection that reuses the port pair of a finished service flow to
+ * the same backend: that flow's reply entry would rewrite the new connection's replies to
+ * the frontend, so it goes (Cilium closes such entries on FIN/RST; we only see the SYN). */
+static __always_inline void lb4_forget_stale_reply(struct __sk_buff *skb, const struct nat_pkt *p)
+{
+	struct ct4_key k = {
+		.daddr = p->key.saddr, .saddr = p->key.daddr, .dport = p->key.sport,
+		.sport = p->key.dport, .nexthdr = p->key.nexthdr, .flags = CT_TUPLE_REPLY,
+	};
+	__u8 tcp_flags;
+
+	if (p->key.nexthdr != IPPROTO_TCP)
+		return;
+	/* dport_off + 11 = TCP header offset + 13: the flags byte. */
+	if (bpf_skb_load_bytes(skb, p->dport_off + 11, &tcp_flags, 1) < 0)
+		return;
+	if ((tcp_flags & 0x12) != 0x02) /* SYN without ACK */
+		return;
+	bpf_map_delete_elem(&cilia_ct4_global, &k);
+}
+
 /* East-west, from a pod: a packet to a frontend is translated to its backend (a pod
  * reaching itself gets the hairpin source). 0 translated, 1 not a service, or DROP_*. */
 static __always_inline int lb4_from_pod(struct __sk_buff *skb, const struct nat_pkt *p)
@@ -281,6 +302,8 @@ static __always_inline int lb4_from_pod(struct __sk_buff *skb, const struct nat_
 	int ret;
 
 	ret = lb4_decide(p, true, &d);
+	if (ret == 1)
+		lb4_forget_stale_reply(skb, p);
 	if (ret)
 		return ret;
 	if (d.backend.address == p->key.saddr && CONFIG.lb_hairpin_ip4) {

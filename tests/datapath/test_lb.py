@@ -159,6 +159,20 @@ def test_reply_gets_the_frontend_back_on_local_delivery(node):
     assert r.retval == TC_ACT_OK and P.parse4(r.data_out)["src"] == VIP and P.l4_csum_ok(r.data_out)
 
 
+def test_direct_connection_reusing_a_finished_service_flows_ports_is_not_translated(node):
+    dp = node.load()
+    dp.upsert_service(1, VIP, 80, TCP, [be("b1", 1)])
+    checked(node.send(FROM_LXC, tcp_frame(A, VIP, 40100, 80), "a"))
+    # Later the same client port opens a direct connection to the backend (a SYN).
+    syn = P.frame4(A, PODS["b1"][0], P.IPPROTO_TCP, P.tcp(A, PODS["b1"][0], 40100, 8080, flags=0x02))
+    out = checked(node.send(FROM_LXC, syn, "a"))
+    assert (out["dst"], out["dport"]) == (PODS["b1"][0], 8080)
+    # Its replies keep the backend's address: the old flow's reply entry is gone.
+    reply = tcp_frame(PODS["b1"][0], A, 8080, 40100, b"")
+    out = P.parse4(node.send(FROM_LXC, reply, "b1").data_out)
+    assert (out["src"], out["sport"]) == (PODS["b1"][0], 8080)
+
+
 @pytest.mark.parametrize("routing", ["tunnel", "native"])
 def test_remote_backend_reply_is_reversed_where_it_reaches_the_client(node, test_build_dir, routing):
     dp = node.load(routing, obj_dir=test_build_dir)
