@@ -157,7 +157,10 @@ def render_node_status(st: dict) -> str:
         ("Routing", f"Network: {'Tunnel [vxlan]' if st['routing'] == 'tunnel' else 'Native'}   "
                     f"Host: BPF (redirect_peer)"),
         ("Device MTU", f"{st['mtu']}"),
-        ("Masquerading", "Disabled"),
+        ("Masquerading", f"BPF   [eth0]   {ipam['pod_cidr']} -> {st['node_ip']}"
+                         if st.get("masquerade") else "Disabled"),
+        ("KubeProxyReplacement", "True   [eth0 " + st["node_ip"] + "] (services: "
+                                 f"{(st.get('services') or {}).get('frontends', 0)} frontends)"),
         ("Endpoints", f"{st['endpoints']} (regenerations: {st['regenerations']}, "
                       f"last: {st['last_regeneration_ms']} ms)"),
         ("Restored endpoints", f"{restore.get('restored', 0)} (removed {restore.get('removed', 0)}, "
