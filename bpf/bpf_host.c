@@ -13,6 +13,7 @@
 #include "nat.h"
 #include "nodeport.h"
 #include "policy.h"
+#include "deliver.h"
 
 SEC("tc")
 int cil_from_netdev(struct __sk_buff *skb)
@@ -22,7 +23,6 @@ int cil_from_netdev(struct __sk_buff *skb)
 	struct ethhdr *eth = data;
 	struct iphdr *ip = data + sizeof(*eth);
 	struct endpoint_info *ep;
-	__u16 ct_flags = 0;
 	int ret, verdict;
 	bool reversed;
 
@@ -54,20 +54,10 @@ int cil_from_netdev(struct __sk_buff *skb)
 		return verdict;
 
 	ep = lookup_pod(ip->daddr);
-	if (ep) {
+	if (ep)
 		/* The sender is who the ipcache says the source address is (world if
-		 * unknown), judged before any reverse translation. */
-		ret = policy_ingress4(skb, ep, policy_ipcache_identity(ip->saddr));
-		if (ret)
-			return send_drop(skb, ret, METRIC_INGRESS);
-		/* Native routing: a backend on another node answering one of our pods. */
-		if (!reversed) {
-			ret = lb4_rev_nat(skb, &ct_flags);
-			if (ret < 0)
-				return send_drop(skb, ret, METRIC_INGRESS);
-		}
-		return deliver_to_pod(skb, ep, METRIC_INGRESS);
-	}
+		 * unknown); in native routing a remote backend's reply is reversed here. */
+		return deliver_from_outside(skb, ep, policy_ipcache_identity(ip->saddr), reversed);
 
 to_stack:
 	update_metrics(skb->len, METRIC_INGRESS, 0);

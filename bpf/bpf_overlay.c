@@ -15,6 +15,7 @@
 #include "nat.h"
 #include "nodeport.h"
 #include "policy.h"
+#include "deliver.h"
 
 /* Decapsulated packets: pods on this node get them straight, the rest (node IP, router
  * IP) go up the stack. */
@@ -28,7 +29,6 @@ int cil_from_overlay(struct __sk_buff *skb)
 	struct endpoint_info *ep;
 	__u32 src_identity = 0;
 	bool reversed = false;
-	__u16 ct_flags = 0;
 	int ret, verdict;
 
 	if (!PKT_HAS(data, data_end, 0, sizeof(*eth)))
@@ -63,21 +63,11 @@ int cil_from_overlay(struct __sk_buff *skb)
 	}
 
 	ep = lookup_pod(ip->daddr);
-	if (ep) {
-		/* Before the reverse translation: a backend's reply is known by the tuple it
-		 * was sent with. Another node's host is a remote node to us (its VNI says host,
-		 * as Cilium's receivers also map it). */
-		ret = policy_ingress4(skb, ep, src_identity == IDENTITY_HOST ? IDENTITY_REMOTE_NODE : src_identity);
-		if (ret)
-			return send_drop(skb, ret, METRIC_INGRESS);
-		/* A service backend on another node answering our pod: restore the frontend. */
-		if (!reversed) {
-			ret = lb4_rev_nat(skb, &ct_flags);
-			if (ret < 0)
-				return send_drop(skb, ret, METRIC_INGRESS);
-		}
-		return deliver_to_pod(skb, ep, METRIC_INGRESS);
-	}
+	if (ep)
+		/* Another node's host is a remote node to us (its VNI says host, as Cilium's
+		 * receivers also map it). */
+		return deliver_from_outside(skb, ep, src_identity == IDENTITY_HOST ?
+					    IDENTITY_REMOTE_NODE : src_identity, reversed);
 
 	/* The inner destination MAC is the sender's idea of a router (its lxc or its own
 	 * vxlan MAC), never ours: without this the stack discards the packet as OTHERHOST. */
