@@ -118,6 +118,15 @@ def inode(name: str) -> int:
     return os.stat(path_of(name)).st_ino
 
 
+def enter(name: str) -> None:
+    """Move the calling thread into netns NAME for good (a thread dedicated to that netns)."""
+    fd = os.open(path_of(name), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check(_libc.setns(fd, CLONE_NEWNET), f"setns({name})")
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def entered(name: str) -> Iterator[None]:
     """Switch the calling thread into a netns and back. Only for threads we own."""

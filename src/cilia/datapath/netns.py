@@ -8,22 +8,8 @@ thread enters the namespace once and executes submitted calls there.
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
-import os
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def setns_path(path: str) -> None:
-    """Move the calling thread into the netns at ``path`` (e.g. /run/netns/NAME)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns {path}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
+from cilia.netns import enter
 
 
 class NetnsExecutor:
@@ -32,7 +18,7 @@ class NetnsExecutor:
     def __init__(self, netns_path: str):
         self.netns_path = netns_path
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="netns")
-        self._pool.submit(setns_path, netns_path).result()
+        self._pool.submit(enter, netns_path).result()
 
     def run(self, fn, *args, **kwargs):
         return self._pool.submit(fn, *args, **kwargs).result()
