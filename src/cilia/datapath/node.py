@@ -546,8 +546,8 @@ class NodeDatapath:
     # -- pins --------------------------------------------------------------
     @staticmethod
     def remove_pins(pin_dir: str) -> None:
-        """Remove every pin under pin_dir, then pin_dir and its empty parents below
-        /sys/fs/bpf/cilia (which itself is shared by every node and kept)."""
+        """Remove every pin under pin_dir, then pin_dir and its empty parents up to and
+        including /sys/fs/bpf/cilia (rmdir only succeeds when no other node uses it)."""
         real = os.path.realpath(pin_dir)
         if not (real + "/").startswith(BPFFS + "/") or real == BPFFS:
             raise ValueError(f"refusing to remove pins outside {BPFFS}: {pin_dir}")
@@ -556,7 +556,7 @@ class NodeDatapath:
             # their last reference).
             shutil.rmtree(real)
         d = os.path.dirname(real)
-        while (d + "/").startswith(PIN_BASE + "/") and d != PIN_BASE:
+        while (d + "/").startswith(PIN_BASE + "/"):
             try:
                 os.rmdir(d)
             except OSError:
