@@ -17,7 +17,7 @@ from .errors import FieldError
 from .fields import (check_fields, describe, duplicate, get_bool, get_int, get_list, get_map,
                      get_str, invalid, join, string_list, unsupported)
 from .meta import validate_object_meta
-from .selectors import format_label_selector, validate_label_selector
+from .selectors import format_label_selector, validate_label_selector, validate_match_expressions
 from .timefmt import age
 
 TOP_LEVEL_FIELDS = frozenset({"apiVersion", "kind", "metadata", "spec", "status"})
@@ -256,28 +256,9 @@ def validate_cilium_selector(selector: object, path: str) -> dict:
             if errs:
                 raise invalid(f"{mpath}[{k}]", v, errs[0])
         out["matchLabels"] = dict(labels)
-    exprs = get_list(selector, "matchExpressions", path) or []
-    norm = []
-    for i, expr in enumerate(exprs):
-        epath = join(join(path, "matchExpressions"), i)
-        expr = _object(expr, epath)
-        check_fields(expr, frozenset({"key", "operator", "values"}), epath)
-        key = get_str(expr, "key", epath, need=True)
-        _selector_key(key, join(epath, "key"))
-        op = get_str(expr, "operator", epath, need=True)
-        if op not in ("In", "NotIn", "Exists", "DoesNotExist"):
-            raise unsupported(join(epath, "operator"), op, ("In", "NotIn", "Exists", "DoesNotExist"))
-        values = string_list(expr, "values", epath) or []
-        if op in ("In", "NotIn") and not values:
-            raise FieldError(join(epath, "values"), "must be specified when `operator` is 'In' or 'NotIn'")
-        if op in ("Exists", "DoesNotExist") and values:
-            raise FieldError(join(epath, "values"), "may not be specified when `operator` is 'Exists' or 'DoesNotExist'")
-        item = {"key": key, "operator": op}
-        if values:
-            item["values"] = list(values)
-        norm.append(item)
-    if norm:
-        out["matchExpressions"] = norm
+    exprs = validate_match_expressions(selector, path, _selector_key)
+    if exprs:
+        out["matchExpressions"] = exprs
     return out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from . import names
 from .errors import FieldError
 from .fields import check_fields, get_list, get_str, invalid, join, string_list, unsupported
@@ -18,18 +20,31 @@ def validate_label_selector(selector: dict, path: str) -> dict:
     match_labels = validate_labels(selector.get("matchLabels"), join(path, "matchLabels"))
     if match_labels:
         out["matchLabels"] = match_labels
-    exprs = get_list(selector, "matchExpressions", path) or []
+    exprs = validate_match_expressions(selector, path, _k8s_key)
+    if exprs:
+        out["matchExpressions"] = exprs
+    return out
+
+
+def _k8s_key(key: str, path: str) -> None:
+    errs = names.qualified_name(key)
+    if errs:
+        raise invalid(path, key, errs[0])
+
+
+def validate_match_expressions(selector: dict, path: str,
+                               check_key: Callable[[str, str], object]) -> list[dict]:
+    """selector.matchExpressions normalized; check_key(key, path) validates a key (plain
+    Kubernetes keys here, keys with a Cilium label source for CiliumNetworkPolicy)."""
     norm = []
-    for i, expr in enumerate(exprs):
+    for i, expr in enumerate(get_list(selector, "matchExpressions", path) or []):
         epath = join(join(path, "matchExpressions"), i)
         if not isinstance(expr, dict):
             raise FieldError(epath, "must be an object")
         check_fields(expr, REQUIREMENT_FIELDS, epath)
         key = get_str(expr, "key", epath, need=True)
         assert key is not None
-        errs = names.qualified_name(key)
-        if errs:
-            raise invalid(join(epath, "key"), key, errs[0])
+        check_key(key, join(epath, "key"))
         op = get_str(expr, "operator", epath, need=True)
         if op not in OPERATORS:
             raise unsupported(join(epath, "operator"), op, OPERATORS)
@@ -42,9 +57,7 @@ def validate_label_selector(selector: dict, path: str) -> dict:
         if values:
             item["values"] = list(values)
         norm.append(item)
-    if norm:
-        out["matchExpressions"] = norm
-    return out
+    return norm
 
 
 def selector_matches(selector: dict, labels: dict[str, str]) -> bool:
