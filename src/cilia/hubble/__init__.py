@@ -1,0 +1,1 @@
+"""Hubble-compatible flow observability: observer ring, filters, printers, relay, metrics."""

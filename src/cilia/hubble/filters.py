@@ -1,0 +1,533 @@
+"""Hubble's FlowFilter: the `hubble observe` flags turned into allow/deny filter lists, and
+the matcher that the agent's /v1/flows, the relay and `cilia observe` share.
+
+Semantics follow Hubble (observer.proto FlowFilter, hubble/cmd/observe/flows_filter.go):
+- a FlowFilter is a dict of lists; a flow matches it when, for every non-empty field, it
+  matches at least one of that field's values (values OR, fields AND);
+- a flow passes when it matches any allow filter (or there is none) and no deny filter;
+- the CLI keeps a "left" (source side) and a "right" (destination side) filter: `--pod x`
+  puts x into left.source_pod and right.destination_pod, while `--from-pod x` and
+  direction-less flags such as `--verdict` go into both, so `--pod x --verdict DROPPED` is
+  (src x AND DROPPED) OR (dst x AND DROPPED). Identical left/right collapse into one filter;
+- `--not` sends the next filter flag into a separate deny tracker built the same way.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import ipaddress
+import re
+from functools import lru_cache
+from typing import Any, Callable, Iterable
+
+# Cilium's monitor message types (pkg/monitor/api/types.go) and Hubble's --type names.
+EVENT_TYPES = {"drop": 1, "debug": 2, "capture": 3, "trace": 4, "policy-verdict": 5,
+               "recorder": 6, "trace-sock": 7, "l7": 129, "agent": 130}
+# Trace observation points (pkg/monitor/api/types.go TraceObservationPoints).
+TRACE_POINTS = {"to-endpoint": 0, "to-proxy": 1, "to-host": 2, "to-stack": 3,
+                "to-overlay": 4, "from-endpoint": 5, "from-proxy": 6, "from-host": 7,
+                "from-stack": 8, "from-overlay": 9, "from-network": 10, "to-network": 11,
+                "from-crypto": 12, "to-crypto": 13}
+VERDICTS = ("FORWARDED", "DROPPED", "ERROR", "AUDIT", "REDIRECTED", "TRACED", "TRANSLATED")
+DIRECTIONS = ("INGRESS", "EGRESS")
+PROTOCOLS = ("tcp", "udp", "icmp", "icmpv4", "icmpv6", "sctp", "http", "dns", "kafka")
+TCP_FLAGS = ("SYN", "ACK", "FIN", "RST", "PSH", "URG", "ECE", "CWR", "NS")
+
+# FlowFilter field names (proto names, as Hubble's JSON prints them).
+FIELDS = ("uuid", "source_ip", "destination_ip", "source_pod", "destination_pod",
+          "source_label", "destination_label", "source_service", "destination_service",
+          "source_workload", "destination_workload", "source_identity",
+          "destination_identity", "source_port", "destination_port", "verdict",
+          "drop_reason_desc", "event_type", "protocol", "traffic_direction", "node_name",
+          "tcp_flags", "reply", "ip_version")
+
+
+class FilterError(ValueError):
+    pass
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p.title() for p in rest)
+
+
+_CAMEL = {_camel(f): f for f in FIELDS}
+
+
+def normalize(ff: dict) -> dict:
+    """A FlowFilter from JSON (proto or camelCase names) -> proto names; unknown fields are
+    an error, so a typo never silently widens a filter."""
+    if not isinstance(ff, dict):
+        raise FilterError(f"flow filter must be an object, got {type(ff).__name__}")
+    out = {}
+    for k, v in ff.items():
+        name = k if k in FIELDS else _CAMEL.get(k)
+        if name is None:
+            raise FilterError(f"flow filter: unknown field {k!r}")
+        if v in (None, [], ""):
+            continue
+        out[name] = v if isinstance(v, list) else [v]
+    return out
+
+
+# --- matching ------------------------------------------------------------------------------
+
+def _ep(flow: dict, side: str) -> dict:
+    return flow.get(side) or {}
+
+
+def _ip(flow: dict, side: str) -> str:
+    return ((flow.get("IP") or {}).get(side)) or ""
+
+
+def _ports(flow: dict) -> tuple[int | None, int | None]:
+    l4 = flow.get("l4") or {}
+    for proto in ("TCP", "UDP", "SCTP"):
+        p = l4.get(proto)
+        if p:
+            return p.get("source_port"), p.get("destination_port")
+    return None, None
+
+
+@lru_cache(maxsize=1024)
+def _pod_selector(value: str) -> tuple[str, str]:
+    """Hubble's "[namespace/]pod-prefix"; no namespace means default."""
+    if "/" in value:
+        ns, pod = value.split("/", 1)
+        return ns, pod
+    return "default", value
+
+
+def _match_pod(ep: dict, values: list[str]) -> bool:
+    ns, pod = ep.get("namespace") or "", ep.get("pod_name") or ""
+    for v in values:
+        want_ns, prefix = _pod_selector(v)
+        if ns and ns == want_ns and pod.startswith(prefix):
+            return True
+    return False
+
+
+def _match_service(svc: dict | None, values: list[str]) -> bool:
+    if not svc or not svc.get("name"):
+        return False
+    for v in values:
+        want_ns, prefix = _pod_selector(v)
+        if (svc.get("namespace") or "") == want_ns and svc["name"].startswith(prefix):
+            return True
+    return False
+
+
+def _match_workload(ep: dict, values: list) -> bool:
+    for w in ep.get("workloads") or []:
+        for v in values:
+            if isinstance(v, dict):
+                if (not v.get("name") or v["name"] == w.get("name")) and \
+                        (not v.get("kind") or v["kind"] == w.get("kind")):
+                    return True
+            elif v == w.get("name"):
+                return True
+    return False
+
+
+@lru_cache(maxsize=4096)
+def _ip_matcher(value: str) -> Callable[[str], bool]:
+    if "/" in value:
+        net = ipaddress.ip_network(value, strict=False)
+        def in_net(ip: str) -> bool:
+            try:
+                return ipaddress.ip_address(ip) in net
+            except ValueError:
+                return False
+        return in_net
+    addr = str(ipaddress.ip_address(value))
+    return lambda ip: ip == addr
+
+
+def _match_ip(ip: str, values: list[str]) -> bool:
+    return bool(ip) and any(_ip_matcher(v)(ip) for v in values)
+
+
+# Label selectors: Kubernetes' string syntax over Cilium's "source:key=value" labels.
+_REQ = re.compile(r"""\s*(?:
+    (?P<notexists>!\s*(?P<nk>[^\s,=!()]+)) |
+    (?P<set>(?P<sk>[^\s,=!()]+)\s+(?P<op>in|notin)\s*\((?P<vals>[^)]*)\)) |
+    (?P<cmp>(?P<ck>[^\s,=!()]+)\s*(?P<cop>==|=|!=)\s*(?P<cv>[^\s,=!()]*)) |
+    (?P<exists>(?P<ek>[^\s,=!()]+))
+)\s*(?:,|$)""", re.X)
+
+
+@lru_cache(maxsize=1024)
+def parse_selector(text: str) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    """"k=v,k2 in (a,b),!k3" -> ((key, op, values), ...); op in = != in notin exists !."""
+    reqs = []
+    pos, text = 0, text.strip()
+    if not text:
+        raise FilterError("empty label selector")
+    while pos < len(text):
+        m = _REQ.match(text, pos)
+        if not m or m.end() == pos:
+            raise FilterError(f"invalid label selector {text!r} at {text[pos:]!r}")
+        pos = m.end()
+        if m["notexists"]:
+            reqs.append((m["nk"], "!", ()))
+        elif m["set"]:
+            vals = tuple(v.strip() for v in m["vals"].split(",") if v.strip())
+            reqs.append((m["sk"], m["op"], vals))
+        elif m["cmp"]:
+            reqs.append((m["ck"], "!=" if m["cop"] == "!=" else "=", (m["cv"],)))
+        else:
+            reqs.append((m["ek"], "exists", ()))
+    return tuple(reqs)
+
+
+def _label_map(labels: Iterable[str]) -> dict[str, list[tuple[str, str]]]:
+    """key -> [(source, value)]; a key given without a source matches any source."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for lab in labels or ():
+        src, _, kv = lab.partition(":") if ":" in lab.split("=", 1)[0] else ("", "", lab)
+        k, _, v = kv.partition("=")
+        out.setdefault(k, []).append((src, v))
+    return out
+
+
+def _values_for(lmap: dict, key: str) -> list[str]:
+    src, _, k = key.rpartition(":") if ":" in key else ("", "", key)
+    if src in ("", "any"):
+        return [v for _, v in lmap.get(k, [])]
+    return [v for s, v in lmap.get(k, []) if s == src]
+
+
+def _match_selector(labels: list[str], selector: str) -> bool:
+    lmap = _label_map(labels)
+    for key, op, vals in parse_selector(selector):
+        have = _values_for(lmap, key)
+        if op == "exists" and not have:
+            return False
+        if op == "!" and have:
+            return False
+        if op == "=" and vals[0] not in have:
+            return False
+        if op == "!=" and vals[0] in have:
+            return False
+        if op == "in" and not any(v in vals for v in have):
+            return False
+        if op == "notin" and any(v in vals for v in have):
+            return False
+    return True
+
+
+def _match_protocol(flow: dict, values: list[str]) -> bool:
+    l4 = flow.get("l4") or {}
+    l7 = flow.get("l7") or {}
+    for v in values:
+        v = v.lower()
+        if v == "tcp" and "TCP" in l4 or v == "udp" and "UDP" in l4 or \
+                v == "sctp" and "SCTP" in l4:
+            return True
+        if v in ("icmp", "icmpv4") and "ICMPv4" in l4 or v in ("icmp", "icmpv6") and "ICMPv6" in l4:
+            return True
+        if v in ("http", "dns", "kafka") and v in {k.lower() for k in l7}:
+            return True
+    return False
+
+
+def _match_event_type(flow: dict, values: list) -> bool:
+    et = flow.get("event_type") or {}
+    t, st = et.get("type"), et.get("sub_type", 0)
+    for v in values:
+        if isinstance(v, dict):
+            want_t = v.get("type")
+            if want_t is not None and want_t != t:
+                continue
+            if v.get("match_sub_type") or v.get("matchSubType"):
+                if v.get("sub_type", v.get("subType", 0)) != st:
+                    continue
+            return True
+        elif v == t:
+            return True
+    return False
+
+
+def _tcp_flag_set(flow: dict) -> set[str]:
+    tcp = (flow.get("l4") or {}).get("TCP") or {}
+    return {k for k, on in (tcp.get("flags") or {}).items() if on}
+
+
+def _match_tcp_flags(flow: dict, values: list) -> bool:
+    have = _tcp_flag_set(flow)
+    for v in values:
+        want = {k for k, on in v.items() if on} if isinstance(v, dict) else \
+            {s.strip().upper() for s in str(v).split(",") if s.strip()}
+        if want and want <= have:
+            return True
+    return False
+
+
+def _node_patterns(values: list[str]) -> list[str]:
+    # Hubble accepts "cluster/node-glob"; one lab is one cluster, so the node part decides.
+    return [v.split("/", 1)[1] if "/" in v else v for v in values]
+
+
+def _port_match(port, values) -> bool:
+    return port is not None and str(port) in {str(v) for v in values}
+
+
+_FIELD_MATCHERS: dict[str, Callable[[dict, list], bool]] = {
+    "uuid": lambda f, v: f.get("uuid") in v,
+    "source_ip": lambda f, v: _match_ip(_ip(f, "source"), v),
+    "destination_ip": lambda f, v: _match_ip(_ip(f, "destination"), v),
+    "source_pod": lambda f, v: _match_pod(_ep(f, "source"), v),
+    "destination_pod": lambda f, v: _match_pod(_ep(f, "destination"), v),
+    "source_label": lambda f, v: any(_match_selector(_ep(f, "source").get("labels") or [], s) for s in v),
+    "destination_label": lambda f, v: any(_match_selector(_ep(f, "destination").get("labels") or [], s) for s in v),
+    "source_service": lambda f, v: _match_service(f.get("source_service"), v),
+    "destination_service": lambda f, v: _match_service(f.get("destination_service"), v),
+    "source_workload": lambda f, v: _match_workload(_ep(f, "source"), v),
+    "destination_workload": lambda f, v: _match_workload(_ep(f, "destination"), v),
+    "source_identity": lambda f, v: _ep(f, "source").get("identity") in {int(x) for x in v},
+    "destination_identity": lambda f, v: _ep(f, "destination").get("identity") in {int(x) for x in v},
+    "source_port": lambda f, v: _port_match(_ports(f)[0], v),
+    "destination_port": lambda f, v: _port_match(_ports(f)[1], v),
+    "verdict": lambda f, v: f.get("verdict") in {str(x).upper() for x in v},
+    "drop_reason_desc": lambda f, v: f.get("drop_reason_desc") in {str(x).upper() for x in v},
+    "event_type": _match_event_type,
+    "protocol": _match_protocol,
+    "traffic_direction": lambda f, v: f.get("traffic_direction") in {str(x).upper() for x in v},
+    "node_name": lambda f, v: any(fnmatch.fnmatchcase(f.get("node_name") or "", p) for p in _node_patterns(v)),
+    "tcp_flags": _match_tcp_flags,
+    "reply": lambda f, v: bool(f.get("is_reply")) in {bool(x) for x in v},
+    "ip_version": lambda f, v: ((f.get("IP") or {}).get("ipVersion")) in v,
+}
+
+
+def match_one(flow: dict, ff: dict) -> bool:
+    for name, values in ff.items():
+        if not values:
+            continue
+        m = _FIELD_MATCHERS.get(name)
+        if m is None:
+            name = _CAMEL.get(name)
+            m = _FIELD_MATCHERS.get(name) if name else None
+            if m is None:
+                raise FilterError(f"flow filter: unknown field {name!r}")
+        if not m(flow, values if isinstance(values, list) else [values]):
+            return False
+    return True
+
+
+def match(flow: dict, allow: list[dict] | None, deny: list[dict] | None) -> bool:
+    """Hubble's rule: in some allow filter (or no allow filters) and in no deny filter.
+    Accepts the flow itself or the {"flow": ...} record around it."""
+    if "flow" in flow and isinstance(flow["flow"], dict):
+        flow = flow["flow"]
+    if allow and not any(match_one(flow, ff) for ff in allow):
+        return False
+    return not (deny and any(match_one(flow, ff) for ff in deny))
+
+
+def validate(allow: list[dict] | None, deny: list[dict] | None) -> tuple[list[dict], list[dict]]:
+    """For the API: {"allow": [...], "deny": [...]} in, normalized lists out, or FilterError."""
+    return [normalize(f) for f in allow or []], [normalize(f) for f in deny or []]
+
+
+# --- hubble observe flags -> filters -------------------------------------------------------
+
+class _Tracker:
+    """Hubble's filterTracker: a left (source side) and a right (destination side) filter."""
+
+    def __init__(self) -> None:
+        self.left: dict | None = None
+        self.right: dict | None = None
+        self.flags: set[str] = set()
+
+    def _add(self, side: str, field: str, value: Any) -> None:
+        f = getattr(self, side)
+        if f is None:
+            f = {}
+            setattr(self, side, f)
+        f.setdefault(field, [])
+        if value not in f[field]:
+            f[field].append(value)
+
+    def both(self, field: str, value: Any) -> None:
+        self._add("left", field, value)
+        self._add("right", field, value)
+
+    def split(self, left_field: str, right_field: str, value: Any) -> None:
+        self._add("left", left_field, value)
+        self._add("right", right_field, value)
+
+    def filters(self) -> list[dict]:
+        if self.left is None and self.right is None:
+            return []
+        if self.left == self.right:
+            return [copy.deepcopy(self.left)]
+        return [copy.deepcopy(f) for f in (self.left, self.right) if f is not None]
+
+
+# flag -> (kind, field(s)); kind: "split" (source on the left, destination on the right),
+# "both" (the same field on both sides).
+_SPLIT = {
+    "pod": ("source_pod", "destination_pod"),
+    "namespace": ("source_pod", "destination_pod"),
+    "label": ("source_label", "destination_label"),
+    "ip": ("source_ip", "destination_ip"),
+    "port": ("source_port", "destination_port"),
+    "identity": ("source_identity", "destination_identity"),
+    "service": ("source_service", "destination_service"),
+    "workload": ("source_workload", "destination_workload"),
+}
+_BOTH = {
+    "from-pod": "source_pod", "to-pod": "destination_pod",
+    "from-namespace": "source_pod", "to-namespace": "destination_pod",
+    "from-label": "source_label", "to-label": "destination_label",
+    "from-ip": "source_ip", "to-ip": "destination_ip",
+    "from-port": "source_port", "to-port": "destination_port",
+    "from-identity": "source_identity", "to-identity": "destination_identity",
+    "from-service": "source_service", "to-service": "destination_service",
+    "from-workload": "source_workload", "to-workload": "destination_workload",
+    "verdict": "verdict", "protocol": "protocol", "type": "event_type",
+    "node-name": "node_name", "traffic-direction": "traffic_direction",
+    "drop-reason-desc": "drop_reason_desc", "tcp-flags": "tcp_flags", "uuid": "uuid",
+    "is-reply": "reply",
+}
+FLAGS = tuple(_SPLIT) + tuple(_BOTH)
+SHORT = {"-n": "namespace", "-l": "label", "-t": "type"}
+
+
+def _conflicts(flag: str) -> tuple[str, ...]:
+    if flag in _SPLIT:
+        return (f"from-{flag}", f"to-{flag}")
+    for pre in ("from-", "to-"):
+        if flag.startswith(pre) and flag[len(pre):] in _SPLIT:
+            return (flag[len(pre):],)
+    return ()
+
+
+class FilterBuilder:
+    """Feed `hubble observe` filter flags in command-line order; `--not` negates the next."""
+
+    def __init__(self) -> None:
+        self.allow = _Tracker()
+        self.deny = _Tracker()
+        self._negate = False
+        self._namespace: str | None = None
+
+    def negate_next(self) -> None:
+        self._negate = True
+
+    def add(self, flag: str, value: str) -> None:
+        flag = SHORT.get(flag, flag).lstrip("-")
+        tr = self.deny if self._negate else self.allow
+        self._negate = False
+        # hubble refuses these pairs: --pod x --from-pod y would put both into the source
+        # side filter, where they OR instead of meaning anything a user would intend.
+        for other in _conflicts(flag):
+            if other in tr.flags:
+                raise FilterError(f"--{flag} cannot be combined with --{other}")
+        tr.flags.add(flag)
+        v = self._value(flag, value)
+        if flag in _SPLIT:
+            tr.split(*_SPLIT[flag], v)
+        elif flag in _BOTH:
+            tr.both(_BOTH[flag], v)
+        else:
+            raise FilterError(f"--{flag}: not a filter flag")
+
+    def _value(self, flag: str, value: str) -> Any:
+        value = str(value).strip()
+        if flag in ("namespace", "from-namespace", "to-namespace"):
+            if not value or "/" in value:
+                raise FilterError(f"--{flag} {value!r}: expected a namespace name")
+            return value + "/"
+        if flag in ("pod", "from-pod", "to-pod", "service", "from-service", "to-service"):
+            if not value:
+                raise FilterError(f"--{flag}: empty value")
+            return value
+        if flag in ("ip", "from-ip", "to-ip"):
+            try:
+                _ip_matcher(value)
+            except ValueError:
+                raise FilterError(f"--{flag} {value!r}: not an IP address or CIDR") from None
+            return value
+        if flag in ("port", "from-port", "to-port"):
+            if not value.isdigit() or not 0 <= int(value) <= 65535:
+                raise FilterError(f"--{flag} {value!r}: not a port number")
+            return str(int(value))
+        if flag in ("identity", "from-identity", "to-identity"):
+            if not value.isdigit():
+                raise FilterError(f"--{flag} {value!r}: not a numeric identity")
+            return int(value)
+        if flag in ("label", "from-label", "to-label"):
+            parse_selector(value)
+            return value
+        if flag == "verdict":
+            v = value.upper()
+            if v not in VERDICTS:
+                raise FilterError(f"--verdict {value!r}: one of {', '.join(VERDICTS)}")
+            return v
+        if flag == "protocol":
+            v = value.lower()
+            if v not in PROTOCOLS:
+                raise FilterError(f"--protocol {value!r}: one of {', '.join(PROTOCOLS)}")
+            return v
+        if flag == "type":
+            return parse_type(value)
+        if flag == "traffic-direction":
+            v = value.upper()
+            if v not in DIRECTIONS:
+                raise FilterError(f"--traffic-direction {value!r}: ingress or egress")
+            return v
+        if flag == "tcp-flags":
+            flags = [s.strip().upper() for s in value.split(",") if s.strip()]
+            bad = [f for f in flags if f not in TCP_FLAGS]
+            if not flags or bad:
+                raise FilterError(f"--tcp-flags {value!r}: comma-separated {', '.join(TCP_FLAGS)}")
+            return {f: True for f in flags}
+        if flag == "drop-reason-desc":
+            return value.upper()
+        if flag == "is-reply":
+            if value.lower() not in ("true", "false"):
+                raise FilterError(f"--is-reply {value!r}: true or false")
+            return value.lower() == "true"
+        return value
+
+    def filters(self) -> tuple[list[dict], list[dict]]:
+        return self.allow.filters(), self.deny.filters()
+
+
+def parse_type(value: str) -> dict:
+    """Hubble's --type: "trace", "trace:to-endpoint", "drop", "policy-verdict", "l7", or a
+    number; a sub-type narrows the match."""
+    name, _, sub = value.partition(":")
+    name = name.strip().lower()
+    if name.isdigit():
+        t = int(name)
+    elif name in EVENT_TYPES:
+        t = EVENT_TYPES[name]
+    else:
+        raise FilterError(f"--type {value!r}: one of {', '.join(EVENT_TYPES)} (optionally type:subtype)")
+    out: dict = {"type": t}
+    if sub:
+        sub = sub.strip().lower()
+        if sub.isdigit():
+            st = int(sub)
+        elif t == EVENT_TYPES["trace"] and sub in TRACE_POINTS:
+            st = TRACE_POINTS[sub]
+        else:
+            raise FilterError(f"--type {value!r}: unknown sub-type {sub!r}")
+        out.update(sub_type=st, match_sub_type=True)
+    return out
+
+
+def from_args(pairs: Iterable[tuple[str, str | None]]) -> tuple[list[dict], list[dict]]:
+    """[(flag, value)] in command-line order ("not" with value None) -> (allow, deny)."""
+    b = FilterBuilder()
+    for flag, value in pairs:
+        if flag.lstrip("-") == "not":
+            b.negate_next()
+        else:
+            b.add(flag, value)
+    if b._negate:
+        raise FilterError("--not must be followed by a filter flag")
+    return b.filters()
