@@ -21,6 +21,9 @@ class ApplyError(Exception):
     pass
 
 
+POLICY_KINDS = ("NetworkPolicy", "CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy")
+
+
 def plural(kind: str) -> str:
     return KINDS[kind].plural
 
@@ -69,6 +72,8 @@ def _server_fields(obj: dict) -> dict:
 class Cluster:
     def __init__(self, store_url: str):
         self.store = SyncStore(store_url)
+        # The store revision of the last write (what `policy wait` waits for).
+        self.revision = 0
 
     def close(self) -> None:
         self.store.close()
@@ -194,6 +199,11 @@ class Cluster:
                 if o is not None:
                     writes.append((key(pl, ns, name), encode(o)))
                 changes.append(Change(kind, name, action))
+            elif kind in POLICY_KINDS:
+                o, action = _plan_policy(obj, cur)
+                if o is not None:
+                    writes.append((key(pl, ns, name), encode(o)))
+                changes.append(Change(kind, name, action))
             else:
                 raise ApplyError(f"{kind} {name}: kind: apply is not supported for this kind")
         return writes, changes
@@ -299,7 +309,7 @@ class Cluster:
         # Everything was validated above; chunking only matters if the store itself fails
         # mid-way (etcd caps a transaction at 128 operations).
         for i in range(0, len(writes), MAX_TXN_OPS):
-            self.store.txn_put_many(writes[i:i + MAX_TXN_OPS])
+            self.revision = self.store.txn_put_many(writes[i:i + MAX_TXN_OPS])
         return changes
 
     def _all_nodes(self) -> list[str]:
@@ -357,6 +367,13 @@ class Cluster:
                 if self.mark_pod_deleted(name, p["metadata"]["name"]):
                     pending.append((name, p["metadata"]["name"]))
             self.store.delete(key("namespaces", None, name))
+        elif kind in POLICY_KINDS:
+            k = key(plural(kind), ns, name)
+            kv = self.store.get(k)
+            if kv is None or not self.store.cas_delete(k, kv.mod_revision):
+                group = KINDS[kind].api_versions[0].split("/")[0]
+                raise ApplyError(f'Error from server (NotFound): {plural(kind)}.{group} "{name}" not found')
+            self.revision = self.store.revision()
         else:
             raise ApplyError(f"{kind} {name}: delete is not supported for this kind")
         return pending
@@ -387,17 +404,25 @@ def _deployment_status(d: dict, pods: list[dict]) -> None:
                    "updatedReplicas": len(mine)}
 
 
-def _plan_endpointslice(obj: dict, cur: dict | None) -> tuple[dict | None, str]:
+def _plan_plain(obj: dict, cur: dict | None, fields: tuple[str, ...]) -> tuple[dict | None, str]:
+    """Kinds stored as given: unchanged when `fields`, labels and annotations are."""
     new = _server_fields(copy.deepcopy(obj))
     if cur is None:
         return new, "created"
     new["metadata"]["uid"] = cur["metadata"]["uid"]
     new["metadata"]["creationTimestamp"] = cur["metadata"]["creationTimestamp"]
-    fields = ("addressType", "endpoints", "ports")
     if all(cur.get(f) == new.get(f) for f in fields) and all(
             (cur["metadata"].get(m) or {}) == (new["metadata"].get(m) or {}) for m in ("labels", "annotations")):
         return None, "unchanged"
     return new, "configured"
+
+
+def _plan_endpointslice(obj: dict, cur: dict | None) -> tuple[dict | None, str]:
+    return _plan_plain(obj, cur, ("addressType", "endpoints", "ports"))
+
+
+def _plan_policy(obj: dict, cur: dict | None) -> tuple[dict | None, str]:
+    return _plan_plain(obj, cur, ("spec", "specs"))
 
 
 def _spec_equal(cur: dict, new: dict) -> bool:

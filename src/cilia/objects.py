@@ -11,7 +11,7 @@ from typing import Any, Callable
 from cilia.kvstore.api import Store
 
 PREFIX = "/cilia/k8s/"
-CLUSTER_SCOPED = {"nodes", "namespaces"}
+CLUSTER_SCOPED = {"nodes", "namespaces", "ciliumclusterwidenetworkpolicies"}
 
 
 def key(plural: str, namespace: str | None, name: str) -> str:

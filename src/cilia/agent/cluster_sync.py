@@ -195,6 +195,20 @@ class ClusterSync:
             for ip in [ip for ip in self.endpoints if ip not in self.published]:
                 del self.endpoints[ip]
 
+    async def current(self) -> bool:
+        """Every other node's endpoint publication in the store is in our ipcache view and
+        programmed (nothing pending): peers' identities as the store has them now."""
+        if self._dirty.is_set():
+            return False
+        kvs, _ = await self.store.list(IPCACHE)
+        theirs = {}
+        for kv in kvs:
+            d = json.loads(kv.value)
+            if d.get("node") != self.node:
+                theirs[kv.key[len(IPCACHE):]] = int(d["identity"])
+        ours = {ip: e.identity for ip, e in self.endpoints.items() if e.node != self.node}
+        return theirs == ours and not self._dirty.is_set()
+
     def view(self) -> tuple[dict, dict]:
         nodes = {}
         for name, n in self.nodes.items():

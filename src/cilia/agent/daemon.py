@@ -47,6 +47,8 @@ class AgentConfig:
     pin_dir: str = ""
     node_id: int = 0
     labels: dict[str, str] = field(default_factory=dict)
+    policy_enforcement: str = "default"   # default | always | never (cilium's enable-policy)
+    policy_audit: bool = False
 
     def __post_init__(self) -> None:
         self.socket = self.socket or paths.agent_socket(self.cluster, self.node)
@@ -77,6 +79,7 @@ class Agent:
         self.routes = 0
         self.lb = None
         self.service_watcher = None
+        self.policy = None        # PolicySync when a store is configured
 
     async def blocking(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -144,12 +147,17 @@ class Agent:
                                        self.cfg.tunnel, self._apply_cluster_view)
             self.identities = IdentityAllocator(self.store, self.cfg.node,
                                                 on_change=self._on_identities_changed)
+            from cilia.agent.policy_sync import PolicySync
+            self.policy = PolicySync(self, self.cfg.policy_enforcement, self.cfg.policy_audit)
         self.pod_cidr = await self._obtain_pod_cidr()
         paths.write_atomic(self._node_file(), json.dumps({"podCIDR": self.pod_cidr}))
         if self.cluster is not None:
             self.cluster.set_pod_cidr(self.pod_cidr)
             self.cluster.on_relet.append(self._republish)
         await self.blocking(self._init_datapath)
+        if self.policy is not None:
+            for ep in self.endpoints.endpoints.values():
+                self.policy.endpoint_added(ep)
         from cilia.loadbalancer.desired import node_addresses
         from cilia.loadbalancer.model import LBConfig
         from cilia.loadbalancer.reconciler import LBReconciler, run_in_executor
@@ -160,12 +168,37 @@ class Agent:
         self.ready.set()
 
     async def _apply_cluster_view(self, ipcache: dict, routes: dict) -> None:
+        if self.policy is not None:
+            from cilia.ipcache.model import with_cidr_identities
+            ipcache = with_cidr_identities(ipcache, self.policy.cidr_ipcache())
+
         def program() -> None:
             self.datapath.sync_ipcache(ipcache)
             node_net.sync_routes(routes, self.cfg.tunnel, self.cfg.uplink)
         await self.blocking(program)
         self.ipcache_entries, self.routes = len(ipcache), len(routes)
         self._nodeport_addresses()
+
+    async def reapply_cluster_view(self) -> None:
+        """The policy's CIDR identities changed: the ipcache must carry them."""
+        if self.cluster is not None:
+            await self._apply_cluster_view(*self.cluster.view())
+
+    async def relabel_endpoint(self, ep, labels: dict, identity_labels: list[str]) -> None:
+        """The pod's (or its namespace's) labels changed: move it to the identity of its new
+        labels, publish that, then let the old identity go."""
+        old = ep.identity
+        ident = await self.identities.allocate(identity_labels)
+        ep.labels, ep.identity_labels = dict(labels), list(identity_labels)
+        await self.blocking(self.endpoints.set_identity, ep.id, ident.id)
+        await self.cluster.publish(self._ep_info(ep))
+        if old and old != ident.id:
+            try:
+                await self.identities.release(old)
+            except Exception as e:
+                self.store_error = str(e)
+        log.info("endpoint %d (%s/%s): identity %d -> %d", ep.id, ep.pod_namespace,
+                 ep.pod_name, old, ident.id)
 
     def _nodeport_addresses(self) -> None:
         """NodePorts answer on this node's addresses and, for pods here, on every other
@@ -199,6 +232,8 @@ class Agent:
             if new is not None:
                 await self.blocking(self.endpoints.set_identity, ep.id, new.id)
                 await self.cluster.publish(self._ep_info(ep))
+                if self.policy is not None:
+                    self.policy.endpoint_changed(ep)
 
     def _ep_info(self, ep) -> EndpointInfo:
         return EndpointInfo(ep.ip4, ep.identity, self.cfg.node, self.cfg.node_ip,
@@ -222,6 +257,8 @@ class Agent:
                         ident = await self.identities.allocate(ep.identity_labels)
                         if ident.id != ep.identity:
                             await self.blocking(self.endpoints.set_identity, ep.id, ident.id)
+                            if self.policy is not None:
+                                self.policy.endpoint_changed(ep)
                     await self.cluster.publish(self._ep_info(ep))
                     break
                 except Exception as e:  # store down: keep the datapath, retry
@@ -252,12 +289,18 @@ class Agent:
         result = await self.blocking(self.endpoints.add, creq)
         if self.cluster is not None:
             ep = self.endpoints.by_container(creq.container_id, creq.ifname)
+            if self.policy is not None:
+                # Enforced before the runtime starts the pod's process.
+                self.policy.endpoint_added(ep)
+                await self.policy.regenerate()
             await self.cluster.publish(self._ep_info(ep))
         return result
 
     async def cni_del(self, container_id: str, ifname: str) -> None:
         ep = self.endpoints.by_container(container_id, ifname)
         await self.blocking(self.endpoints.delete, container_id, ifname)
+        if ep is not None and self.policy is not None:
+            await self.policy.endpoint_removed(ep.id)
         if ep is not None and self.cluster is not None:
             await self.cluster.unpublish(ep.ip4)
             if ep.identity and self.identities is not None:
@@ -267,6 +310,18 @@ class Agent:
                     self.store_error = str(e)
 
     # --- status ---------------------------------------------------------------------------
+
+    def policy_status(self) -> dict:
+        p = self.policy
+        if p is None:
+            return {"enforcement": self.cfg.policy_enforcement, "audit": self.cfg.policy_audit,
+                    "policies": 0}
+        return {"enforcement": p.config["enable-policy"], "audit": p.config["policy-audit-mode"],
+                "policies": len(p.engine.policies()), "identities": len(p.identities),
+                "revision": p.realized_revision, "engine_revision": p.engine.revision,
+                "regenerations": p.regenerations,
+                "last_regeneration_ms": round(p.last_regeneration_ms, 3),
+                "errors": dict(p.errors)}
 
     async def store_status(self) -> dict:
         if self.store is None:
@@ -312,6 +367,7 @@ class Agent:
                 "last_sync": cl.last_sync if cl else None,
             },
             "services": self.lb.stats() if self.lb else {},
+            "policy": self.policy_status(),
             "datapath": {"pin_dir": self.cfg.pin_dir,
                          "programs": ["cil_from_container", "cil_to_container",
                                       "cil_from_netdev", "cil_to_netdev"]
@@ -356,6 +412,7 @@ async def run(cfg: AgentConfig) -> int:
             from cilia.loadbalancer.watch import ServiceWatcher
             agent.service_watcher = ServiceWatcher(agent.store, agent.lb)
             sup.add("services", agent.service_watcher.run)
+            sup.add("policy", agent.policy.run)
         return await sup.run()
     finally:
         await agent.close()

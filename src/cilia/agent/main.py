@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--socket", default="")
     p.add_argument("--state-dir", default="")
     p.add_argument("--pin-dir", default="")
+    p.add_argument("--enable-policy", choices=["default", "always", "never"], default="default",
+                   help="policy enforcement mode (the cluster config in the store overrides it)")
+    p.add_argument("--policy-audit-mode", action="store_true",
+                   help="report would-be policy drops as AUDIT and forward them")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
@@ -36,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
                       routing=a.routing, mtu=a.mtu, uplink=a.uplink,
                       masquerade=not a.no_masquerade, lb_algorithm=a.lb_algorithm,
                       socket=a.socket,
-                      state_dir=a.state_dir, pin_dir=a.pin_dir, node_id=a.node_id)
+                      state_dir=a.state_dir, pin_dir=a.pin_dir, node_id=a.node_id,
+                      policy_enforcement=a.enable_policy, policy_audit=a.policy_audit_mode)
     return asyncio.run(run(cfg))
 
 

@@ -15,7 +15,7 @@ def endpoint_labels(ep: Endpoint) -> list[str]:
     return sorted(out)
 
 
-def endpoint_model(ep: Endpoint, node: str) -> dict:
+def endpoint_model(ep: Endpoint, node: str, policy: dict | None = None) -> dict:
     return {
         "id": ep.id,
         "spec": {"label-configuration": {"user": []}, "options": {}},
@@ -40,7 +40,7 @@ def endpoint_model(ep: Endpoint, node: str) -> dict:
                 "node": node,
             },
             "policy": {
-                "realized": {"policy-enabled": "none"},
+                "realized": policy or {"policy-enabled": "none"},
                 "proxy-statistics": [],
             },
         },

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from cilia.api.models import endpoint_model
+from cilia.api.policy_routes import add_policy_routes
 from cilia.endpoint.manager import CniRequest, EndpointError
 from cilia.kvstore import LeaseNotFound, StoreUnavailable
 
@@ -48,7 +49,8 @@ def build_app(agent: "Agent") -> web.Application:
     @routes.get("/v1/endpoint")
     async def endpoints(_: web.Request) -> web.Response:
         eps = sorted(agent.endpoints.endpoints.values(), key=lambda e: e.id)
-        return web.json_response([endpoint_model(e, agent.cfg.node) for e in eps])
+        pol = agent.policy.endpoint_status if agent.policy else (lambda _id: None)
+        return web.json_response([endpoint_model(e, agent.cfg.node, pol(e.id)) for e in eps])
 
     @routes.post("/v1/cni/add")
     async def cni_add(req: web.Request) -> web.Response:
@@ -111,6 +113,7 @@ def build_app(agent: "Agent") -> web.Application:
     async def bpf_metrics(_: web.Request) -> web.Response:
         return web.json_response(await agent.blocking(agent.datapath.metrics))
 
+    add_policy_routes(routes, agent)
     app = web.Application()
     app.add_routes(routes)
     return app

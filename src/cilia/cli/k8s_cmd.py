@@ -28,11 +28,14 @@ def _load(files: tuple[str, ...]) -> list[dict]:
 
 @click.command("apply")
 @click.option("-f", "--filename", "files", multiple=True, help="File, directory or - for stdin.")
+@click.option("--wait", is_flag=True, help="Return once every node enforces what changed "
+              "(policies, pod and namespace labels).")
+@click.option("--timeout", type=float, default=60.0, help="For --wait.")
 @click.pass_context
-def apply(ctx: click.Context, files: tuple[str, ...]) -> None:
-    from cilia.cluster import ApplyError
+def apply(ctx: click.Context, files: tuple[str, ...], wait: bool, timeout: float) -> None:
+    from cilia.cluster import POLICY_KINDS, ApplyError
     objs = _load(files)
-    _, cl = cluster(ctx)
+    spec, cl = cluster(ctx)
     try:
         changes = cl.apply(objs)
     except ApplyError as e:
@@ -41,6 +44,15 @@ def apply(ctx: click.Context, files: tuple[str, ...]) -> None:
         cl.close()
     for c in changes:
         click.echo(str(c))
+    if any(c.kind in POLICY_KINDS and c.action != "unchanged" for c in changes):
+        click.echo(f"Revision: {cl.revision}")
+    if wait and cl.revision:
+        _wait_policy(spec, cl.revision, timeout)
+
+
+def _wait_policy(spec, revision: int, timeout: float) -> None:
+    from cilia.cli.policy_cmd import wait_revision
+    wait_revision(spec, revision, timeout)
 
 
 @click.command("delete")
@@ -53,7 +65,7 @@ def apply(ctx: click.Context, files: tuple[str, ...]) -> None:
 @click.pass_context
 def delete(ctx, args, files, namespace, all_, wait, timeout) -> None:
     from cilia.cluster import ApplyError, display, kind_of
-    _, cl = cluster(ctx)
+    spec, cl = cluster(ctx)
     try:
         targets: list[tuple[str, str | None, str]] = []
         if files:
@@ -91,6 +103,8 @@ def delete(ctx, args, files, namespace, all_, wait, timeout) -> None:
         raise CLIError(str(e)) from None
     finally:
         cl.close()
+    if wait and cl.revision:
+        _wait_policy(spec, cl.revision, timeout)
 
 
 _SET_RE = re.compile(r"^\s*([^\s!=]+)\s+(in|notin)\s+\(([^)]*)\)\s*$")

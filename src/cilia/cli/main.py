@@ -11,6 +11,7 @@ from cilia.cli.k8s_cmd import apply, delete, exec_, get, wait
 from cilia.cli.lab_cmd import lab
 from cilia.kvstore import KVStoreError
 from cilia.cli.service_cmd import service
+from cilia.cli.policy_cmd import add_bpf_policy, add_endpoint_config, config, policy
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,6 +32,10 @@ def version() -> None:
 
 for cmd in (lab, apply, delete, get, exec_, wait, status, endpoint, bpf, identity, service):
     cli.add_command(cmd)
+for cmd in (policy, config):
+    cli.add_command(cmd)
+add_bpf_policy(bpf)
+add_endpoint_config(endpoint)
 
 
 def main() -> int:

@@ -62,3 +62,21 @@ def remote_routes(local_node: str, nodes: dict[str, NodeInfo]) -> dict[str, str]
     """Remote pod CIDR -> the node IP that owns it."""
     return {n.pod_cidr: n.ip for n in nodes.values()
             if n.name != local_node and n.pod_cidr}
+
+
+def with_cidr_identities(entries: dict[str, Entry], cidrs: dict[str, int]) -> dict[str, Entry]:
+    """Add the policy engine's CIDR identities. A prefix the cluster already knows keeps its
+    own identity (a pod or node address is that, not a CIDR); a new one inherits the tunnel
+    endpoint and flags of the entry that covered it, so routing does not change."""
+    if not cidrs:
+        return entries
+    out = dict(entries)
+    nets = sorted(((ipaddress.IPv4Network(p), e) for p, e in entries.items()),
+                  key=lambda x: -x[0].prefixlen)
+    for pfx, ident in cidrs.items():
+        if pfx in out:
+            continue
+        net = ipaddress.IPv4Network(pfx)
+        cover = next((e for n, e in nets if net.subnet_of(n)), (WORLD, None, 0))
+        out[pfx] = (ident, cover[1], cover[2])
+    return out

@@ -300,6 +300,14 @@ register_table("Service", TableSpec(("NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP"
 register_table("EndpointSlice", TableSpec(("NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"),
                                           _slice_row))
 
+def _register_policy_tables() -> None:
+    from .policies import POLICY_TABLES
+    for kind, fields in POLICY_TABLES.items():
+        register_table(kind, TableSpec(*fields))
+
+
+_register_policy_tables()
+
 
 def _canonical_kind(kind: str) -> str:
     if kind in TABLES or kind in KINDS:

@@ -66,3 +66,7 @@ register(KindSpec("Node", ("v1",), "nodes", False, None, ("no",), appliable=Fals
 register(KindSpec("Service", ("v1",), "services", True, validate_service, ("svc",)))
 register(KindSpec("EndpointSlice", ("discovery.k8s.io/v1",), "endpointslices", True,
                   validate_endpointslice))
+
+from .policies import register_policy_kinds  # noqa: E402  (imports registry's KindSpec users)
+
+register_policy_kinds(register, KindSpec)
