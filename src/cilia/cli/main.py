@@ -11,6 +11,8 @@ from cilia.cli.k8s_cmd import apply, delete, exec_, get, wait
 from cilia.cli.lab_cmd import lab
 from cilia.kvstore import KVStoreError
 from cilia.cli.service_cmd import service
+from cilia.cli.observe_cmd import observe
+from cilia.cli.hubble_cmd import hubble
 from cilia.cli.policy_cmd import add_bpf_policy, add_endpoint_config, config, policy
 
 
@@ -30,7 +32,7 @@ def version() -> None:
     click.echo(f"cilia {VERSION}")
 
 
-for cmd in (lab, apply, delete, get, exec_, wait, status, endpoint, bpf, identity, service):
+for cmd in (lab, apply, delete, get, exec_, wait, status, endpoint, bpf, identity, service, observe, hubble):
     cli.add_command(cmd)
 for cmd in (policy, config):
     cli.add_command(cmd)

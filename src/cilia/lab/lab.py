@@ -369,6 +369,7 @@ def down(name: str) -> list[str]:
     for n in node_names:
         removed += _stop_node_processes(name, n)
     _stop_pidfile(operator_pid_file(name), 3.0)
+    _stop_pidfile(os.path.join(d, "hubble-relay.json"), 3.0)  # cilia hubble enable
     stop_etcd(name)
     # Every netns named after the lab is ours: lab names are unique prefixes.
     for ns in netns.list_names(f"{name}-"):
