@@ -1,0 +1,305 @@
+"""Deploying and removing the suite's workloads, the world listener and the second world
+address; everything made here is recorded so cleanup removes exactly that."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from cilia import netns
+from cilia.cluster import ApplyError, Cluster, pod_ready
+from cilia.k8s.loader import load_manifests
+from cilia.lab import state
+from cilia.lab.topology import WORLD_HOST, WORLD_NET, LabSpec
+
+from . import manifests, probes
+from .model import Environment, Peer
+
+# cilium-cli's ExternalOtherIP counterpart: a second address on the world host, so a CIDR
+# policy can allow one world address and except another.
+WORLD_OTHER_IP = str(WORLD_NET.network_address + 101)
+WORLD_PORTS = (80, 443)
+
+
+class DeployError(Exception):
+    pass
+
+
+def cilia_argv(lab: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "cilia.cli.main", "--lab", lab, *args]
+
+
+@dataclass
+class Deployment:
+    spec: LabSpec
+    namespace: str
+    timeout: float
+    log: Callable[[str], None]
+    tracker: probes.ProcessTracker
+    world_proc: subprocess.Popen | None = None
+    added_world_ip: bool = False
+    namespace_created: bool = False
+    applied_policies: list[str] = field(default_factory=list)   # rendered manifests
+
+    # --- deploy ------------------------------------------------------------------------------
+
+    def _cluster(self) -> Cluster:
+        return Cluster(state.store_url(self.spec.name))
+
+    def _nodes(self, cl: Cluster) -> list[str]:
+        ready = set(cl.ready_nodes())
+        names = [n.name for n in self.spec.nodes if n.name in ready]
+        if not names:
+            raise DeployError(f"lab {self.spec.name}: no Ready node")
+        return names
+
+    async def deploy(self, force: bool) -> Environment:
+        cl = self._cluster()
+        try:
+            if cl.get("Namespace", None, self.namespace) is not None:
+                if not force:
+                    raise DeployError(
+                        f"namespace {self.namespace} already exists (another run, or one that "
+                        f"did not finish); use --force-deploy to replace it")
+                self.log(f"🔥 [{self.spec.name}] Deleting namespace {self.namespace}...")
+                self._delete_namespace(cl)
+            nodes = self._nodes(cl)
+            node, other = nodes[0], (nodes[1] if len(nodes) > 1 else None)
+            self.log(f"✨ [{self.spec.name}] Creating namespace {self.namespace} for connectivity check...")
+            objs = load_manifests(["-"], stdin=io.StringIO(
+                manifests.workloads(self.namespace, node, other)))
+            self.namespace_created = True
+            for o in objs:
+                if o["kind"] in ("Deployment", "Service"):
+                    self.log(f"✨ [{self.spec.name}] Deploying {o['metadata']['name']} "
+                             f"{o['kind'].lower()}...")
+            try:
+                cl.apply(objs)
+            except ApplyError as e:
+                raise DeployError(f"deploying the test workloads: {e}") from None
+            await self._wait_pods(cl, [o["metadata"]["name"] for o in objs if o["kind"] == "Deployment"])
+            env = self.discover(cl, other is not None)
+        finally:
+            cl.close()
+        await self._start_world()
+        await self._wait_services(env)
+        return env
+
+    async def _wait_pods(self, cl: Cluster, deployments: list[str]) -> None:
+        deadline = time.monotonic() + self.timeout
+        for d in deployments:
+            self.log(f"⌛ [{self.spec.name}] Waiting for deployment {self.namespace}/{d} to become ready...")
+        while True:
+            pods = cl.list("Pod", self.namespace)
+            waiting = [d for d in deployments
+                       if not any(p["metadata"].get("labels", {}).get("name") == d and pod_ready(p)
+                                  for p in pods)]
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise DeployError(f"timed out after {self.timeout:g}s waiting for deployment "
+                                  f"{self.namespace}/{waiting[0]} to become ready")
+            await asyncio.sleep(0.2)
+
+    def discover(self, cl: Cluster, multi_node: bool) -> Environment:
+        spec = self.spec
+        pods = [p for p in cl.list("Pod", self.namespace)
+                if pod_ready(p) and not p["metadata"].get("deletionTimestamp")]
+
+        def pod_peer(p: dict) -> Peer:
+            md = p["metadata"]
+            return Peer("pod", f"{self.namespace}/{md['name']}", p["status"]["podIP"],
+                        labels=dict(md.get("labels") or {}), node=p["spec"]["nodeName"],
+                        netns=spec.pod_netns(self.namespace, md["name"]))
+
+        by_role: dict[str, Peer] = {}
+        for p in pods:
+            role = (p["metadata"].get("labels") or {}).get("name")
+            if role and role not in by_role:
+                by_role[role] = pod_peer(p)
+        clients = [by_role[n] for n in manifests.CLIENTS if n in by_role]
+        echo_pods = [dataclasses.replace(by_role[n], port=manifests.ECHO_PORT)
+                     for n in manifests.echo_names(multi_node) if n in by_role]
+        services, node_ports = [], {}
+        for name in manifests.echo_names(multi_node):
+            svc = cl.get("Service", self.namespace, name)
+            if svc is None or name not in by_role:
+                raise DeployError(f"service {self.namespace}/{name} or its pod is missing")
+            port = svc["spec"]["ports"][0]
+            node_ports[name] = int(port.get("nodePort") or 0)
+            backend = by_role[name]
+            services.append(Peer("service", f"{self.namespace}/{name}", svc["spec"]["clusterIP"],
+                                 int(port["port"]), labels=dict(svc["metadata"].get("labels") or {}),
+                                 backends=(backend.name.rsplit("/", 1)[-1],),
+                                 backend_ips=(backend.address,), target_port=manifests.ECHO_PORT))
+        nodes = [Peer("node", n.name, n.ip, node=n.name, netns=n.netns) for n in spec.nodes
+                 if n.name in self._nodes(cl)]
+        return Environment(lab=spec.name, routing=spec.routing, namespace=self.namespace,
+                           nodes=nodes, clients=clients, echo_pods=echo_pods,
+                           echo_services=services, node_ports=node_ports,
+                           external_ip=WORLD_HOST, external_other_ip=WORLD_OTHER_IP,
+                           world_netns=spec.world_netns)
+
+    # --- world host ----------------------------------------------------------------------------
+
+    def _world_listening(self, port: int) -> bool:
+        def connect() -> bool:
+            with socket.socket() as s:
+                s.settimeout(0.5)
+                return s.connect_ex((WORLD_HOST, port)) == 0
+        return netns.run_in(self.spec.world_netns, connect)
+
+    def _world_has_ip(self, ip: str) -> bool:
+        out = subprocess.run(netns.nsenter_argv(self.spec.world_netns,
+                                                ["ip", "-j", "addr", "show", "dev", "eth0"]),
+                             capture_output=True, text=True, timeout=10)
+        return any(a.get("local") == ip for link in json.loads(out.stdout or "[]")
+                   for a in link.get("addr_info", []))
+
+    async def _start_world(self) -> None:
+        if not self._world_has_ip(WORLD_OTHER_IP):
+            subprocess.run(netns.nsenter_argv(self.spec.world_netns, [
+                "ip", "addr", "add", f"{WORLD_OTHER_IP}/32", "dev", "eth0"]),
+                check=True, capture_output=True, timeout=10)
+            self.added_world_ip = True
+        if all(self._world_listening(p) for p in WORLD_PORTS):
+            self.log(f"ℹ️  [{self.spec.name}] world host {WORLD_HOST} already serves "
+                     f"{', '.join(map(str, WORLD_PORTS))}; using it")
+            return
+        self.log(f"✨ [{self.spec.name}] Starting an echo server on the world host "
+                 f"({WORLD_HOST}, {WORLD_OTHER_IP}: {', '.join(map(str, WORLD_PORTS))})...")
+        argv = netns.nsenter_argv(self.spec.world_netns, [
+            sys.executable, "-m", "cilia.lab.workloads", "echo",
+            "--ports", ",".join(f"{p}/TCP" for p in WORLD_PORTS),
+            "--name", "world", "--namespace", "world", "--node", "world"])
+        self.world_proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                           start_new_session=True)
+        deadline = time.monotonic() + 10
+        while not all(self._world_listening(p) for p in WORLD_PORTS):
+            if self.world_proc.poll() is not None:
+                err = self.world_proc.stderr.read().decode(errors="replace").strip().splitlines()
+                self.world_proc = None
+                raise DeployError(f"world echo server exited: {err[-1] if err else 'no output'}")
+            if time.monotonic() > deadline:
+                raise DeployError("timed out waiting for the world echo server")
+            await asyncio.sleep(0.1)
+
+    # --- services ------------------------------------------------------------------------------
+
+    async def _wait_until(self, what: str, probe) -> None:
+        self.log(f"⌛ [{self.spec.name}] Waiting for {what} to become ready...")
+        deadline = time.monotonic() + self.timeout
+        while True:
+            r = await probe()
+            if r.exit_code == 0:
+                return
+            if time.monotonic() > deadline:
+                raise DeployError(f"timed out after {self.timeout:g}s waiting for {what}: "
+                                  f"{r.command}: exit code {r.exit_code} {r.stderr}")
+            await asyncio.sleep(0.3)
+
+    async def _wait_services(self, env: Environment) -> None:
+        waits = []
+        for svc in env.echo_services:
+            for c in env.clients:
+                waits.append(self._wait_until(
+                    f"Service {svc.name} from {c.name}",
+                    lambda c=c, svc=svc: probes.curl(self.tracker, c.netns, svc.address, svc.port,
+                                                     None, 1, 2)))
+            name = svc.name.rsplit("/", 1)[-1]
+            for n in env.nodes:
+                waits.append(self._wait_until(
+                    f"NodePort {n.address}:{env.node_ports[name]} ({svc.name})",
+                    lambda n=n, name=name: probes.curl(self.tracker, env.world_netns, n.address,
+                                                       env.node_ports[name], None, 1, 2)))
+        await asyncio.gather(*waits)
+
+    # --- policies ------------------------------------------------------------------------------
+
+    async def apply_policies(self, text: str) -> str:
+        """`cilia apply --wait`; returns its output. Recorded before it runs so an interrupt
+        mid-apply still deletes whatever landed."""
+        self.applied_policies.append(text)
+        return await self._cilia("apply", "--wait", "-f", "-", input_=text)
+
+    async def delete_policies(self, text: str) -> str:
+        out = await self._cilia("delete", "--wait", "-f", "-", input_=text)
+        if text in self.applied_policies:
+            self.applied_policies.remove(text)
+        return out
+
+    async def _cilia(self, *args: str, input_: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            *cilia_argv(self.spec.name, *args), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            start_new_session=True)
+        self.tracker.procs.add(proc)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(input_.encode()), self.timeout + 10)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise DeployError(f"cilia {' '.join(args)}: timed out after {self.timeout + 10:g}s") from None
+        finally:
+            self.tracker.procs.discard(proc)
+        if proc.returncode != 0:
+            msg = (err.decode(errors="replace").strip() or out.decode(errors="replace").strip())
+            raise DeployError(f"cilia {' '.join(args)}: {msg.splitlines()[-1] if msg else proc.returncode}")
+        return out.decode(errors="replace")
+
+    # --- cleanup -------------------------------------------------------------------------------
+
+    def _delete_namespace(self, cl: Cluster) -> None:
+        pending = cl.delete("Namespace", None, self.namespace)
+        left = cl.wait_gone(pending, self.timeout)
+        if left:
+            raise DeployError(f"timed out deleting pods {', '.join(f'{a}/{b}' for a, b in left)}")
+
+    def cleanup(self) -> list[str]:
+        """Remove everything this run made; returns problems (never raises)."""
+        problems: list[str] = []
+        self.tracker.kill_all()
+        for text in list(self.applied_policies):
+            p = subprocess.run(cilia_argv(self.spec.name, "delete", "--wait", "-f", "-"),
+                               input=text, capture_output=True, text=True,
+                               timeout=self.timeout + 10, start_new_session=True)
+            if p.returncode != 0 and "NotFound" not in p.stderr + p.stdout:
+                problems.append(f"deleting policies: {p.stderr.strip() or p.stdout.strip()}")
+            self.applied_policies.remove(text)
+        if self.world_proc is not None:
+            if self.world_proc.poll() is None:
+                os.killpg(self.world_proc.pid, signal.SIGTERM)
+                try:
+                    self.world_proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.world_proc.pid, signal.SIGKILL)
+                    self.world_proc.wait()
+            self.world_proc = None
+        if self.added_world_ip:
+            p = subprocess.run(netns.nsenter_argv(self.spec.world_netns, [
+                "ip", "addr", "del", f"{WORLD_OTHER_IP}/32", "dev", "eth0"]),
+                capture_output=True, text=True, timeout=10)
+            if p.returncode != 0:
+                problems.append(f"removing {WORLD_OTHER_IP} from the world host: {p.stderr.strip()}")
+            self.added_world_ip = False
+        if self.namespace_created:
+            cl = self._cluster()
+            try:
+                if cl.get("Namespace", None, self.namespace) is not None:
+                    self._delete_namespace(cl)
+            except (ApplyError, DeployError) as e:
+                problems.append(f"deleting namespace {self.namespace}: {e}")
+            finally:
+                cl.close()
+            self.namespace_created = False
+        return problems
