@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -19,7 +20,16 @@ class CLIError(click.ClickException):
 
 
 def lab_spec(ctx: click.Context):
+    from cilia.install.spec import installed_spec
+    from cilia.lab import state
     from cilia.lab.lab import LabError, resolve
+    named = ctx.obj.get("lab") or os.environ.get("CILIA_LAB")
+    # An installed host (cilia install) is the cluster meant when CILIA_STATE_DIR names it,
+    # or when no lab runs; --lab / CILIA_LAB always mean a lab.
+    if not named and (os.environ.get("CILIA_STATE_DIR") or not state.list_labs()):
+        got = installed_spec()
+        if got is not None:
+            return got
     try:
         return resolve(ctx.obj.get("lab"))
     except LabError as e:
@@ -30,7 +40,7 @@ def cluster(ctx: click.Context):
     from cilia.cluster import Cluster
     from cilia.lab import state
     spec = lab_spec(ctx)
-    return spec, Cluster(state.store_url(spec.name))
+    return spec, Cluster(getattr(spec, "store_url", None) or state.store_url(spec.name))
 
 
 def node_name(spec, node: str | None) -> str:
@@ -43,7 +53,8 @@ def node_name(spec, node: str | None) -> str:
 
 
 def agent(spec, node: str, timeout: float = 30.0) -> AgentClient:
-    return AgentClient(paths.agent_socket(spec.name, node), timeout=timeout)
+    sock = spec.agent_socket(node) if hasattr(spec, "agent_socket") else None
+    return AgentClient(sock or paths.agent_socket(spec.name, node), timeout=timeout)
 
 
 def agent_get(spec, node: str, path: str):

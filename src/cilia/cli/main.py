@@ -8,6 +8,7 @@ import click
 from cilia.cli.agent_cmd import bpf, endpoint, identity, status
 from cilia.cli.connectivity_cmd import connectivity
 from cilia.cli.context import CLIError
+from cilia.cli.install_cmd import install, uninstall
 from cilia.cli.k8s_cmd import apply, delete, exec_, get, wait
 from cilia.cli.lab_cmd import lab
 from cilia.kvstore import KVStoreError
@@ -36,6 +37,8 @@ def version() -> None:
 for cmd in (lab, apply, delete, get, exec_, wait, status, endpoint, bpf, identity, service, observe, hubble):
     cli.add_command(cmd)
 cli.add_command(connectivity)
+for cmd in (install, uninstall):
+    cli.add_command(cmd)
 for cmd in (policy, config):
     cli.add_command(cmd)
 add_bpf_policy(bpf)
