@@ -405,6 +405,8 @@ async def run(cfg: AgentConfig) -> int:
         await agent.start()
         sup = Supervisor()
         sup.add("api", agent.serve)
+        from cilia.agent.metrics_server import serve_metrics  # Prometheus, node netns :9962
+        sup.add("metrics", lambda: serve_metrics(agent))
         if agent.cluster is not None:
             sup.add("lease", agent.cluster.keepalive)
             sup.add("cluster-sync", agent.cluster.run)
