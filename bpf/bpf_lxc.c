@@ -50,7 +50,7 @@ static __always_inline int handle_arp(struct __sk_buff *skb)
  * and hand the packet to the VXLAN device. Anything else goes to the stack, which
  * routes it (native mode: kernel routes to peer pod CIDRs; world and host traffic). */
 static __always_inline int encap_or_stack(struct __sk_buff *skb, __u32 daddr,
-					  const struct endpoint_info *src)
+					  const struct endpoint_info *src, struct event_trace_info *ti)
 {
 	struct ipcache_value *info;
 
@@ -62,10 +62,13 @@ static __always_inline int encap_or_stack(struct __sk_buff *skb, __u32 daddr,
 	if (tunnel_set_key(skb, info->tunnel_endpoint, src ? EP_IDENTITY(src) : IDENTITY_UNMANAGED) < 0)
 		return send_drop(skb, DROP_WRITE_ERROR, METRIC_EGRESS);
 	update_metrics(skb->len, METRIC_EGRESS, 0);
+	ti->dst_identity = info->sec_identity;
+	event_trace(skb, TRACE_TO_OVERLAY, ti);
 	return bpf_redirect(CONFIG.tunnel_ifindex, 0);
 
 to_stack:
 	update_metrics(skb->len, METRIC_EGRESS, 0);
+	event_trace(skb, TRACE_TO_STACK, ti);
 	return TC_ACT_OK;
 }
 
@@ -80,6 +83,7 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb)
 	__u32 ifindex = skb->ifindex;
 	struct policy_pkt pp = {};
 	struct nat_pkt p = {};
+	struct event_trace_info ti = {};
 	bool maybe_reply = false;
 	__u16 ct_flags = 0;
 	int ret;
@@ -104,11 +108,22 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb)
 		if (ret < 0)
 			return send_drop(skb, ret, METRIC_EGRESS);
 		maybe_reply = ret == 1;
+		if (ret == 0) {
+			/* The frontend, for the flow's service name. */
+			ti.orig_daddr = p.key.daddr;
+			ti.orig_dport = p.key.dport;
+		}
 	}
 
 	ret = policy_prepare(skb, &pp);
 	if (ret)
 		return send_drop(skb, ret, METRIC_EGRESS);
+	ti.ct_state = pp.trace_ct;
+	ti.tcp_flags = pp.tcp_flags;
+	if (src) {
+		ti.src_identity = EP_IDENTITY(src);
+		ti.ep_id = src->ep_id;
+	}
 	if (src) {
 		ret = policy_check(skb, &pp, src, POLICY_EGRESS,
 				   pp.ct == POL_CT_NEW ? policy_dst_identity(pp.tuple.daddr) : 0);
@@ -147,14 +162,20 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb)
 		if (ret)
 			return send_drop(skb, ret, METRIC_INGRESS);
 		policy_ct_commit(&pp);
+		ti.dst_identity = EP_IDENTITY(dst);
+		ti.ifindex = dst->ifindex;
+		ti.ep_id = dst->ep_id;
+		event_trace(skb, TRACE_TO_LXC, &ti);
 		/* Straight into the destination pod's netns, skipping the node's stack. */
 		return deliver_to_pod(skb, dst, METRIC_EGRESS);
 	}
 	policy_ct_commit(&pp);
 	if (!dst && ip->daddr != CONFIG.node_ip4)
-		return encap_or_stack(skb, ip->daddr, src);
+		return encap_or_stack(skb, ip->daddr, src, &ti);
 
 	update_metrics(skb->len, METRIC_EGRESS, 0);
+	ti.dst_identity = IDENTITY_HOST;
+	event_trace(skb, TRACE_TO_STACK, &ti);
 	return TC_ACT_OK;
 }
 
@@ -198,7 +219,9 @@ int cil_to_container(struct __sk_buff *skb)
 	struct ethhdr *eth = data;
 	struct iphdr *ip = data + sizeof(*eth);
 	struct endpoint_info *ep;
+	struct policy_pkt pp = {};
 	__u32 ifindex = skb->ifindex;
+	__u32 src_identity = 0;
 	__u16 ct_flags = 0;
 	int ret;
 
@@ -207,13 +230,16 @@ int cil_to_container(struct __sk_buff *skb)
 			return send_drop(skb, DROP_INVALID, METRIC_INGRESS);
 		ep = bpf_map_lookup_elem(&cilia_lxc_if, &ifindex);
 		if (ep) {
-			ret = policy_ingress4(skb, ep, stack_src_identity(skb, ip->saddr));
+			src_identity = stack_src_identity(skb, ip->saddr);
+			ret = policy_ingress4(skb, ep, src_identity, &pp);
 			if (ret)
 				return send_drop(skb, ret, METRIC_INGRESS);
 		}
 		ret = lb4_rev_nat(skb, &ct_flags);
 		if (ret < 0)
 			return send_drop(skb, ret, METRIC_INGRESS);
+		if (ep)
+			policy_trace_to_pod(skb, &pp, ep, src_identity, 0, 0);
 	}
 	update_metrics(skb->len, METRIC_INGRESS, 0);
 	return TC_ACT_OK;

@@ -12,11 +12,12 @@ static __always_inline int deliver_from_outside(struct __sk_buff *skb,
 						const struct endpoint_info *ep,
 						__u32 src_identity, bool reversed)
 {
+	struct policy_pkt pp = {};
 	__u16 ct_flags = 0;
 	int ret;
 
 	/* Policy first: a backend's reply is known by the tuple it was sent with. */
-	ret = policy_ingress4(skb, ep, src_identity);
+	ret = policy_ingress4(skb, ep, src_identity, &pp);
 	if (ret)
 		return send_drop(skb, ret, METRIC_INGRESS);
 	if (!reversed) {
@@ -24,6 +25,7 @@ static __always_inline int deliver_from_outside(struct __sk_buff *skb,
 		if (ret < 0)
 			return send_drop(skb, ret, METRIC_INGRESS);
 	}
+	policy_trace_to_pod(skb, &pp, ep, src_identity, 0, 0);
 	return deliver_to_pod(skb, ep, METRIC_INGRESS);
 }
 

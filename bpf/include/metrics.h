@@ -4,6 +4,7 @@
 
 #include "common.h"
 #include "maps.h"
+#include "events.h"
 
 static __always_inline void update_metrics_flags(__u64 bytes, __u8 dir, __u8 reason, __u16 flags)
 {
@@ -27,10 +28,12 @@ static __always_inline void update_metrics(__u64 bytes, __u8 dir, __u8 reason)
 	update_metrics_flags(bytes, dir, reason, 0);
 }
 
-/* Counts the drop with Cilium's positive reason number and returns the tc verdict. */
+/* Counts the drop with Cilium's positive reason number, reports it (drops are never
+ * aggregated away) and returns the tc verdict. */
 static __always_inline int send_drop(struct __sk_buff *skb, int reason, __u8 dir)
 {
 	update_metrics(skb->len, dir, (__u8)(-reason));
+	event_drop(skb, reason, dir);
 	return TC_ACT_SHOT;
 }
 

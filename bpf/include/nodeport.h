@@ -37,6 +37,7 @@ static __always_inline int nodeport_forward(struct __sk_buff *skb, __u32 backend
 static __always_inline bool nodeport_lb4(struct __sk_buff *skb, const struct iphdr *ip, int *verdict)
 {
 	struct nat_pkt p = {};
+	struct policy_pkt pp = {};
 	struct lb4_decision d = {};
 	struct endpoint_info *ep;
 	struct nat_key4 fwd = {};
@@ -59,8 +60,9 @@ static __always_inline bool nodeport_lb4(struct __sk_buff *skb, const struct iph
 			goto drop;
 		/* The backend's ingress policy sees the client as it is: nothing hides it on
 		 * the way to a local backend. */
-		if ((ret = policy_ingress4(skb, ep, policy_ipcache_identity(p.key.saddr))))
+		if ((ret = policy_ingress4(skb, ep, policy_ipcache_identity(p.key.saddr), &pp)))
 			goto drop;
+		policy_trace_to_pod(skb, &pp, ep, policy_ipcache_identity(p.key.saddr), p.key.daddr, p.key.dport);
 		*verdict = deliver_to_pod(skb, ep, METRIC_INGRESS);
 		return true;
 	}

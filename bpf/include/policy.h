@@ -79,6 +79,8 @@ struct policy_pkt {
 	__u16 ct_flags;        /* PCT_F_* gathered by the checks, stored on commit */
 	bool  syn;             /* TCP SYN without ACK */
 	bool  icmp_error;
+	__u8  tcp_flags;       /* TCP header byte 13, 0 for other protocols */
+	__u8  trace_ct;        /* ct as classified (commit turns NEW into ESTABLISHED): events */
 };
 
 static __always_inline __u32 policy_now(void)
@@ -180,8 +182,10 @@ static __always_inline void policy_parse(struct __sk_buff *skb, const struct iph
 		pp->tuple.dport = ports[1];
 		pp->port = ports[1];
 		/* tcphdr byte 13: CWR ECE URG ACK PSH RST SYN FIN */
-		if (ip->protocol == IPPROTO_TCP)
+		if (ip->protocol == IPPROTO_TCP) {
 			pp->syn = (tcp_flags & 0x12) == 0x02;
+			pp->tcp_flags = tcp_flags;
+		}
 	} else if (ip->protocol == IPPROTO_ICMP) {
 		struct icmphdr icmp;
 
@@ -258,11 +262,33 @@ static __always_inline int policy_prepare(struct __sk_buff *skb, struct policy_p
 		return DROP_INVALID;
 	policy_parse(skb, ip, pp);
 	policy_ct_classify(pp);
+	pp->trace_ct = pp->ct;
 	return 0;
 }
 
-/* The 4 lookups. 0 (allowed), DROP_POLICY_DENY or DROP_POLICY. */
-static __always_inline int policy_lookup4(__u16 ep_id, __u8 dir, __u32 identity, __u8 proto, __u16 port_be)
+/* Which entry decided, for the policy verdict event: the deny that won, else the
+ * most specific allow (the lookup order below is from most to least specific). */
+struct policy_match {
+	__u32 cookie;
+	__u8  type;          /* POLICY_MATCH_* */
+};
+
+static __always_inline void policy_note(struct policy_match *m, const struct cilia_policy_value *v,
+					__u8 *seen, __u8 type)
+{
+	__u8 f = v->flags & (POLICY_F_ALLOW | POLICY_F_DENY);
+
+	/* The first deny beats earlier allows; otherwise the first hit (most specific) stays. */
+	if ((f & POLICY_F_DENY) ? !(*seen & POLICY_F_DENY) : !*seen) {
+		m->cookie = v->rule_cookie;
+		m->type = type;
+	}
+	*seen |= f;
+}
+
+/* The 4 lookups. 0 (allowed), DROP_POLICY_DENY or DROP_POLICY; *m names the deciding entry. */
+static __always_inline int policy_lookup4(__u16 ep_id, __u8 dir, __u32 identity, __u8 proto, __u16 port_be,
+					  struct policy_match *m)
 {
 	struct cilia_policy_key key = {
 		.prefixlen = POLICY_FULL_PREFIX, .ep_id = bpf_htons(ep_id), .direction = dir,
@@ -273,20 +299,20 @@ static __always_inline int policy_lookup4(__u16 ep_id, __u8 dir, __u32 identity,
 
 	v = bpf_map_lookup_elem(&cilia_policy, &key);
 	if (v)
-		flags |= v->flags;
+		policy_note(m, v, &flags, POLICY_MATCH_L3_L4);
 	key.proto = 0;
 	v = bpf_map_lookup_elem(&cilia_policy, &key);
 	if (v)
-		flags |= v->flags;
+		policy_note(m, v, &flags, POLICY_MATCH_L3_ONLY);
 	key.identity = 0;
 	key.proto = proto;
 	v = bpf_map_lookup_elem(&cilia_policy, &key);
 	if (v)
-		flags |= v->flags;
+		policy_note(m, v, &flags, POLICY_MATCH_L4_ONLY);
 	key.proto = 0;
 	v = bpf_map_lookup_elem(&cilia_policy, &key);
 	if (v)
-		flags |= v->flags;
+		policy_note(m, v, &flags, POLICY_MATCH_ALL);
 
 	if (flags & POLICY_F_DENY)
 		return DROP_POLICY_DENY;
@@ -302,18 +328,37 @@ static __always_inline int policy_check(struct __sk_buff *skb, struct policy_pkt
 					const struct endpoint_info *ep, __u8 dir, __u32 identity)
 {
 	__u16 enforced = dir == POLICY_INGRESS ? EP_F_POLICY_INGRESS_ENFORCED : EP_F_POLICY_EGRESS_ENFORCED;
+	struct policy_match m = {};
+	struct cilia_event *e;
+	__u8 action;
 	int ret;
 
 	if (pp->ct != POL_CT_NEW || !(ep->flags & enforced))
 		return 0;
-	ret = policy_lookup4(ep->ep_id, dir, identity, pp->proto, pp->port);
+	ret = policy_lookup4(ep->ep_id, dir, identity, pp->proto, pp->port, &m);
+	action = ret ? EVT_ACTION_DENY : EVT_ACTION_ALLOW;
 	if (ret && (ep->flags & EP_F_POLICY_AUDIT)) {
 		update_metrics_flags(skb->len, dir == POLICY_INGRESS ? METRIC_INGRESS : METRIC_EGRESS,
 				     (__u8)(-ret), METRIC_F_AUDIT);
 		pp->ct_flags |= PCT_F_AUDIT;
-		return 0;
+		action = EVT_ACTION_AUDIT;
 	}
-	return ret;
+	/* Verdicts are only raised for new connections: already aggregated. */
+	e = event_reserve(skb, CILIA_EVENT_POLICY_VERDICT, 0);
+	if (e) {
+		e->ep_id = ep->ep_id;
+		e->flags = dir == POLICY_INGRESS ? EVT_F_INGRESS : EVT_F_EGRESS;
+		e->src_identity = dir == POLICY_INGRESS ? identity : EP_IDENTITY(ep);
+		e->dst_identity = dir == POLICY_INGRESS ? EP_IDENTITY(ep) : identity;
+		e->ct_state = pp->trace_ct;
+		e->action = action;
+		e->match_type = m.type;
+		e->rule_cookie = m.cookie;
+		e->proto = pp->proto;
+		e->dport = bpf_ntohs(pp->port);
+		event_submit(e);
+	}
+	return action == EVT_ACTION_DENY ? ret : 0;
 }
 
 /* Records a connection every check let through. ICMP errors open nothing. A failed
@@ -331,19 +376,34 @@ static __always_inline void policy_ct_commit(struct policy_pkt *pp)
 
 /* Ingress policy of ep for a packet about to be delivered to it from outside any local
  * pod (overlay, uplink, node stack). 0 or a DROP_* reason. */
-static __always_inline int policy_ingress4(struct __sk_buff *skb, const struct endpoint_info *ep, __u32 src_identity)
+static __always_inline int policy_ingress4(struct __sk_buff *skb, const struct endpoint_info *ep, __u32 src_identity,
+					   struct policy_pkt *pp)
 {
-	struct policy_pkt pp = {};
 	int ret;
 
-	ret = policy_prepare(skb, &pp);
+	ret = policy_prepare(skb, pp);
 	if (ret)
 		return ret;
-	ret = policy_check(skb, &pp, ep, POLICY_INGRESS, src_identity);
+	ret = policy_check(skb, pp, ep, POLICY_INGRESS, src_identity);
 	if (ret)
 		return ret;
-	policy_ct_commit(&pp);
+	policy_ct_commit(pp);
 	return 0;
+}
+
+/* Trace of a packet entering pod ep from outside (overlay, uplink, the stack), as policy
+ * classified it. orig_daddr/orig_dport: the frontend when a service was translated here. */
+static __always_inline void policy_trace_to_pod(struct __sk_buff *skb, const struct policy_pkt *pp,
+						const struct endpoint_info *ep, __u32 src_identity,
+						__u32 orig_daddr, __u16 orig_dport)
+{
+	struct event_trace_info ti = {
+		.src_identity = src_identity, .dst_identity = EP_IDENTITY(ep), .ifindex = ep->ifindex,
+		.orig_daddr = orig_daddr, .orig_dport = orig_dport, .ep_id = ep->ep_id,
+		.ct_state = pp->trace_ct, .tcp_flags = pp->tcp_flags,
+	};
+
+	event_trace(skb, TRACE_TO_LXC, &ti);
 }
 
 /* The identity a peer address stands for, as the ipcache knows it; unknown is world. */
