@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import click
 
@@ -167,27 +168,52 @@ def render_node_status(st: dict) -> str:
                                f"stale map entries {restore.get('stale_map_entries', 0)})"),
         ("Datapath", f"{', '.join(st['datapath']['programs'])}; maps pinned at "
                      f"{st['datapath']['pin_dir']}"),
+        ("Policy", _policy_line(st.get("policy") or {})),
         ("Encryption", "Disabled"),
     ]
     lines += [f"{k + ':':<25}{v}" for k, v in rows]
     return "\n".join(lines)
 
 
+def _policy_line(p: dict) -> str:
+    line = (f"enforcement {p.get('enforcement', 'default')}"
+            f"{', audit mode' if p.get('audit') else ''}; {p.get('policies', 0)} policies, "
+            f"{p.get('identities', 0)} cluster identities, realized revision {p.get('revision', 0)}")
+    if p.get("errors"):
+        line += f"; {len(p['errors'])} not enforced: " + "; ".join(
+            f"{k.rsplit('/', 1)[-1]}: {v}" for k, v in sorted(p["errors"].items()))
+    return line
+
+
 @click.command("status")
 @click.option("--verbose", is_flag=True, help="One node's agent in detail (cilium-dbg status).")
+@click.option("--wait", is_flag=True, help="Wait until every component is ready (as cilium status --wait).")
+@click.option("--wait-duration", type=float, default=300.0, show_default=True,
+              help="Seconds --wait waits before giving up.")
 @node_option
 @output_option
 @click.pass_context
-def status(ctx, verbose: bool, node: str | None, output: str) -> None:
+def status(ctx, verbose: bool, wait: bool, wait_duration: float, node: str | None,
+           output: str) -> None:
     if verbose or node:
         spec = lab_spec(ctx)
         st = agent_get(spec, node_name(spec, node), "/v1/status")
         emit_json(st) if output == "json" else click.echo(render_node_status(st))
         return
     st = cluster_status(ctx)
+    deadline = time.monotonic() + wait_duration
+    while wait and _not_ready(st) and time.monotonic() < deadline:
+        time.sleep(1.0)
+        st = cluster_status(ctx)
     emit_json(st) if output == "json" else click.echo(render_cluster_status(st))
-    if st["errors"]:
+    if st["errors"] or (wait and _not_ready(st)):
         ctx.exit(1)
+
+
+def _not_ready(st: dict) -> bool:
+    c = st["cilia"]
+    return bool(st["errors"] or st["warnings"] or c["ready"] < c["desired"]
+                or st["operator"] != "OK")
 
 
 def node_listing(group: click.Group, api_path: str, render, name: str = "list",
