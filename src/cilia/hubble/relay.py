@@ -28,7 +28,8 @@ from cilia.hubble.printers import format_time_ns, record_time_ns
 log = logging.getLogger("cilia.hubble.relay")
 
 CONNECT_TIMEOUT = 2.0
-READ_TIMEOUT = 10.0
+# An agent answers a one-shot query from memory; longer than this means it is stuck.
+READ_TIMEOUT = float(os.environ.get("CILIA_OBSERVE_TIMEOUT", "10"))
 # Hubble Relay sorts within a short window: flows from different nodes arrive out of order
 # by at most the agents' buffering, a few hundred ms on a lab.
 SORT_WINDOW = 0.3
