@@ -17,7 +17,8 @@ import time
 from typing import Awaitable, Callable
 
 from cilia.ipcache.model import EndpointInfo, NodeInfo, desired, remote_routes
-from cilia.kvstore import Compacted, LeaseNotFound, StoreUnavailable
+from cilia.kvstore import LeaseNotFound, StoreUnavailable
+from cilia.kvstore.watchcache import WatchCache
 
 log = logging.getLogger("cilia.cluster")
 
@@ -142,6 +143,10 @@ class ClusterSync:
 
     # --- the rest of the cluster ------------------------------------------------------------
 
+    def _on_change(self, key: str, value: bytes | None, _rev: int) -> None:
+        self._parse(key, value)
+        self._dirty.set()
+
     def _parse(self, key: str, value: bytes | None) -> None:
         if key.startswith(NODES):
             name = key[len(NODES):]
@@ -168,33 +173,6 @@ class ClusterSync:
                                                       d["nodeIP"], d.get("namespace", ""),
                                                       d.get("pod", ""))
 
-    async def _watch_prefix(self, prefix: str) -> None:
-        while True:
-            try:
-                kvs, rev = await self.store.list(prefix)
-                # A fresh list replaces what we knew under this prefix: nothing stale stays.
-                self._forget(prefix)
-                for kv in kvs:
-                    self._parse(kv.key, kv.value)
-                self._dirty.set()
-                async for ev in self.store.watch(prefix, rev + 1):
-                    self._parse(ev.key, ev.value if ev.type == "PUT" else None)
-                    self._dirty.set()
-            except Compacted:
-                log.info("watch on %s compacted; relisting", prefix)
-            except StoreUnavailable as e:
-                self.ok, self.error = False, str(e)
-                await asyncio.sleep(1.0)
-
-    def _forget(self, prefix: str) -> None:
-        if prefix == NODES:
-            self.nodes.clear()
-        elif prefix == PODCIDRS:
-            self.cidrs.clear()
-        elif prefix == IPCACHE:
-            for ip in [ip for ip in self.endpoints if ip not in self.published]:
-                del self.endpoints[ip]
-
     async def current(self) -> bool:
         """Every other node's endpoint publication in the store is in our ipcache view and
         programmed (nothing pending): peers' identities as the store has them now."""
@@ -218,8 +196,8 @@ class ClusterSync:
 
     async def run(self) -> None:
         """Root task: watches plus a debounced reconciler."""
-        watchers = [asyncio.create_task(self._watch_prefix(p), name=f"watch{p}")
-                    for p in (NODES, PODCIDRS, IPCACHE)]
+        watchers = [asyncio.create_task(WatchCache(self.store, p, self._on_change).run(),
+                                        name=f"watch{p}") for p in (NODES, PODCIDRS, IPCACHE)]
         try:
             while True:
                 await self._dirty.wait()

@@ -8,11 +8,12 @@ service that did not change.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
 
-from cilia.kvstore import Compacted, StoreUnavailable
+from cilia.kvstore.watchcache import WatchCache
 from cilia.objects import prefix
 
 from .reconciler import LBReconciler
@@ -30,8 +31,6 @@ class ServiceWatcher:
         self.debounce = debounce
         self.caches: dict[str, dict[str, dict]] = {SERVICES: {}, ENDPOINTSLICES: {}}
         self._dirty = asyncio.Event()
-        self._listed: set[str] = set()
-        self.error: str | None = None
         self.last_sync = 0.0
 
     def kick(self) -> None:
@@ -49,31 +48,14 @@ class ServiceWatcher:
             log.warning("ignoring undecodable object at %s", key)
             cache.pop(key, None)
 
-    async def _watch(self, pfx: str) -> None:
-        while True:
-            try:
-                kvs, rev = await self.store.list(pfx)
-                fresh = {kv.key: kv.value for kv in kvs}
-                cache = self.caches[pfx]
-                for k in [k for k in cache if k not in fresh]:
-                    del cache[k]
-                for k, v in fresh.items():
-                    self._apply(pfx, k, v)
-                self._listed.add(pfx)
-                self._dirty.set()
-                async for ev in self.store.watch(pfx, rev + 1):
-                    self._apply(pfx, ev.key, ev.value if ev.type == "PUT" else None)
-                    self._dirty.set()
-                raise RuntimeError(f"watch on {pfx} ended (store closed?)")
-            except Compacted:
-                log.info("watch on %s compacted; relisting", pfx)
-            except StoreUnavailable as e:
-                # The maps keep their last content meanwhile; resync on return.
-                self.error = str(e)
-                await asyncio.sleep(1.0)
+    def _on_change(self, pfx: str, key: str, value: bytes | None, _rev: int) -> None:
+        self._apply(pfx, key, value)
+        self._dirty.set()
 
     async def run(self) -> None:
-        watchers = [asyncio.create_task(self._watch(p), name=f"lb-watch{p}") for p in self.caches]
+        watches = [WatchCache(self.store, p, functools.partial(self._on_change, p), self._dirty.set)
+                   for p in self.caches]
+        watchers = [asyncio.create_task(w.run(), name=f"lb-watch{w.prefix}") for w in watches]
         try:
             while True:
                 await self._dirty.wait()
@@ -82,10 +64,9 @@ class ServiceWatcher:
                 for w in watchers:
                     if w.done():
                         w.result()  # a dead watcher is a dead agent: raise
-                if len(self._listed) < len(self.caches):
+                if not all(w.listed for w in watches):
                     continue  # programming from half a picture would delete good frontends
                 await self.reconciler.sync(self.caches[SERVICES], self.caches[ENDPOINTSLICES])
-                self.error = None
                 self.last_sync = time.time()
         finally:
             for w in watchers:
