@@ -15,8 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from cilia import netns
+from cilia import netns, paths
+from cilia.api.client import AgentClient, AgentUnreachable, APIError
 from cilia.cluster import ApplyError, Cluster, pod_ready
+from cilia.k8s.errors import ManifestError
 from cilia.k8s.loader import load_manifests
 from cilia.lab import state
 from cilia.lab.topology import WORLD_HOST, WORLD_NET, LabSpec
@@ -34,8 +36,11 @@ class DeployError(Exception):
     pass
 
 
-def cilia_argv(lab: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "cilia.cli.main", "--lab", lab, *args]
+def _load(text: str) -> list[dict]:
+    try:
+        return load_manifests(["-"], stdin=io.StringIO(text))
+    except ManifestError as e:
+        raise DeployError(str(e)) from None
 
 
 @dataclass
@@ -48,7 +53,7 @@ class Deployment:
     world_proc: subprocess.Popen | None = None
     added_world_ip: bool = False
     namespace_created: bool = False
-    applied_policies: list[str] = field(default_factory=list)   # rendered manifests
+    applied_policies: list[tuple] = field(default_factory=list)   # (kind, ns, name)
 
     # --- deploy ------------------------------------------------------------------------------
 
@@ -226,36 +231,69 @@ class Deployment:
 
     # --- policies ------------------------------------------------------------------------------
 
-    async def apply_policies(self, text: str) -> str:
-        """`cilia apply --wait`; returns its output. Recorded before it runs so an interrupt
-        mid-apply still deletes whatever landed."""
-        self.applied_policies.append(text)
-        return await self._cilia("apply", "--wait", "-f", "-", input_=text)
-
-    async def delete_policies(self, text: str) -> str:
-        out = await self._cilia("delete", "--wait", "-f", "-", input_=text)
-        if text in self.applied_policies:
-            self.applied_policies.remove(text)
-        return out
-
-    async def _cilia(self, *args: str, input_: str) -> str:
-        proc = await asyncio.create_subprocess_exec(
-            *cilia_argv(self.spec.name, *args), stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True)
-        self.tracker.procs.add(proc)
+    async def apply_policies(self, text: str) -> int:
+        """What `cilia apply --wait` does, in process (two interpreter starts per test cost
+        seconds on a busy 2-CPU machine): store the policies, then wait until every agent
+        enforces the store revision. Returns that revision."""
+        objs = _load(text)
+        cl = self._cluster()
         try:
-            out, err = await asyncio.wait_for(proc.communicate(input_.encode()), self.timeout + 10)
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise DeployError(f"cilia {' '.join(args)}: timed out after {self.timeout + 10:g}s") from None
+            # Recorded first, so an interrupt mid-apply still deletes whatever landed.
+            self.applied_policies += [(o["kind"], o["metadata"].get("namespace"),
+                                       o["metadata"]["name"]) for o in objs]
+            try:
+                cl.apply(objs)
+            except ApplyError as e:
+                raise DeployError(str(e)) from None
+            revision = cl.revision
         finally:
-            self.tracker.procs.discard(proc)
-        if proc.returncode != 0:
-            msg = (err.decode(errors="replace").strip() or out.decode(errors="replace").strip())
-            raise DeployError(f"cilia {' '.join(args)}: {msg.splitlines()[-1] if msg else proc.returncode}")
-        return out.decode(errors="replace")
+            cl.close()
+        await self.wait_realized(revision)
+        return revision
+
+    async def delete_policies(self, text: str) -> int:
+        objs = _load(text)
+        cl = self._cluster()
+        try:
+            for o in objs:
+                ref = (o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"])
+                try:
+                    cl.delete(*ref)
+                except ApplyError as e:
+                    if "NotFound" not in str(e):
+                        raise DeployError(str(e)) from None
+                if ref in self.applied_policies:
+                    self.applied_policies.remove(ref)
+            revision = cl.revision
+        finally:
+            cl.close()
+        if revision:
+            await self.wait_realized(revision)
+        return revision
+
+    async def wait_realized(self, revision: int) -> None:
+        """Every node's agent enforces `revision`, twice in a row (as `cilia policy wait`: a
+        node current before a peer published a change is asked again after it)."""
+        def realized(node: str) -> tuple[bool, str]:
+            try:
+                r = AgentClient(paths.agent_socket(self.spec.name, node), timeout=10).get(
+                    f"/v1/policy/realized?revision={revision}")
+                return bool(r.get("realized")), f"revision {r.get('revision')}"
+            except (AgentUnreachable, APIError) as e:
+                return False, str(e)
+        nodes = [n.name for n in self.spec.nodes]
+        deadline = time.monotonic() + self.timeout
+        passes = 0
+        while True:
+            got = await asyncio.gather(*(asyncio.to_thread(realized, n) for n in nodes))
+            behind = {n: why for n, (ok, why) in zip(nodes, got) if not ok}
+            passes = 0 if behind else passes + 1
+            if passes >= 2:
+                return
+            if time.monotonic() > deadline:
+                raise DeployError(f"timed out after {self.timeout:g}s waiting for policy revision "
+                                  f"{revision}: " + ", ".join(f"{n} at {w}" for n, w in behind.items()))
+            await asyncio.sleep(0.05 if not behind else 0.1)
 
     # --- cleanup -------------------------------------------------------------------------------
 
@@ -269,13 +307,18 @@ class Deployment:
         """Remove everything this run made; returns problems (never raises)."""
         problems: list[str] = []
         self.tracker.kill_all()
-        for text in list(self.applied_policies):
-            p = subprocess.run(cilia_argv(self.spec.name, "delete", "--wait", "-f", "-"),
-                               input=text, capture_output=True, text=True,
-                               timeout=self.timeout + 10, start_new_session=True)
-            if p.returncode != 0 and "NotFound" not in p.stderr + p.stdout:
-                problems.append(f"deleting policies: {p.stderr.strip() or p.stdout.strip()}")
-            self.applied_policies.remove(text)
+        if self.applied_policies:
+            cl = self._cluster()
+            try:
+                for ref in list(self.applied_policies):
+                    try:
+                        cl.delete(*ref)
+                    except ApplyError as e:
+                        if "NotFound" not in str(e):
+                            problems.append(f"deleting {ref[0]} {ref[1]}/{ref[2]}: {e}")
+                    self.applied_policies.remove(ref)
+            finally:
+                cl.close()
         if self.world_proc is not None:
             if self.world_proc.poll() is None:
                 os.killpg(self.world_proc.pid, signal.SIGTERM)

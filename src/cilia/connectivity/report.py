@@ -20,6 +20,7 @@ class TestRun:
     failed: bool = False
     errors: list[str] = field(default_factory=list)   # test-level failures (policy apply …)
     log: list[str] = field(default_factory=list)
+    pre_lines: int | None = None        # how many log lines come before the scenarios
     duration: float = 0.0
 
     def failed_actions(self) -> list[Action]:

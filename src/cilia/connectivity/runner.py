@@ -232,10 +232,9 @@ class Runner:
                 run.log.append(f"  ℹ️  📜 Applying CiliumNetworkPolicy '{p}' to namespace "
                                f"'{self.p.namespace}'..")
             try:
-                applied = await self.deployment.apply_policies(policy_text)
-                rev = re.search(r"Revision: (\d+)", applied)
-                if rev:
-                    run.log.append(f"  ℹ️  policy revision {rev.group(1)} enforced on every node")
+                rev = await self.deployment.apply_policies(policy_text)
+                run.log.append(f"  ℹ️  policy revision {rev} enforced on every node")
+                run.pre_lines = len(run.log)
             except DeployError as e:
                 run.failed = True
                 run.errors.append(f"applying policies: {e}")
@@ -266,13 +265,14 @@ class Runner:
         run.failed = run.failed or any(a.failed for a in run.actions)
         self.out.end_dots()
         if run.failed or self.p.verbose:
-            lines = list(run.log[:len(run.policies)])
+            pre = run.pre_lines if run.pre_lines is not None else len(run.policies)
+            lines = list(run.log[:pre])
             for name, acts in groups:
                 lines.append(f"  [-] Scenario [{run.name}/{name}]")
                 for a in acts:
                     lines.append(f"  [.] Action [{a}]")
                     lines += [f"  {line}" for line in a.log]
-            lines += run.log[len(run.policies):]
+            lines += run.log[pre:]
             for n, why in run.scenarios_skipped:
                 lines.append(f"  [-] Skipping Scenario [{run.name}/{n}] ({why})")
             for line in lines:
@@ -339,7 +339,7 @@ class Runner:
     async def _validate_flows(self, run: TestRun, since: float, env: Environment) -> None:
         if self.flow_source is None:
             for a in run.actions:
-                a.flow_status = f"skipped: {self.flow_note}" if self.flow_note else "skipped"
+                a.flow_status = self.flow_note or "skipped"
                 if self.p.verbose:
                     a.log.append(f"ℹ️  flows: {a.flow_status}")
             return
