@@ -75,8 +75,8 @@ class StandInHost:
             assert time.monotonic() < deadline, "IPv6 DAD did not finish"
             time.sleep(0.1)
 
-    def cilia(self, *args: str, check: bool = True, timeout: float = 120):
-        return sh(CILIA, *args, check=check, env=self.env, timeout=timeout)
+    def cilia(self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None):
+        return sh(CILIA, *args, check=check, env=self.env, timeout=timeout, input=input)
 
     def install(self, *extra: str, check: bool = True):
         return self.cilia("install", "--netns", self.ns, "--cluster", self.cluster,
@@ -107,19 +107,20 @@ class StandInHost:
             conf = json.load(f)
         return dict(conf["plugins"][0], cniVersion=conf["cniVersion"], name=conf["name"])
 
-    def cni(self, command: str, pod: str, check: bool = True) -> subprocess.CompletedProcess:
+    def cni(self, command: str, pod: str, check: bool = True,
+            args: str | None = None) -> subprocess.CompletedProcess:
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": command,
                "CNI_CONTAINERID": f"{self.prefix}-{pod}", "CNI_NETNS": f"/run/netns/{self.prefix}-{pod}",
                "CNI_IFNAME": "eth0", "CNI_PATH": self.dirs["bin"],
-               "CNI_ARGS": f"K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"}
+               "CNI_ARGS": f"K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}" if args is None else args}
         return sh(os.path.join(self.dirs["bin"], "cilia-cni"), input=json.dumps(self.netconf()),
                   env=env, check=check)
 
-    def add_pod(self, pod: str) -> dict:
+    def add_pod(self, pod: str, args: str | None = None) -> dict:
         ns = f"{self.prefix}-{pod}"
         sh("ip", "netns", "add", ns)
         self.pod_netns.append(ns)
-        return json.loads(self.cni("ADD", pod).stdout)
+        return json.loads(self.cni("ADD", pod, args=args).stdout)
 
     def pids(self) -> dict[str, ProcRef]:
         out = {}
@@ -238,6 +239,21 @@ def test_install_pods_uninstall_leaves_host_as_it_was(host):
     assert tcp_echo(f"{host.prefix}-a", f"{host.prefix}-b", pod_addr(b)) == "hello"
     eps = json.loads(host.cilia("endpoint", "list", "-o", "json").stdout)
     assert len(eps) == 2
+
+    # A runtime outside Kubernetes (podman) sends only K8S_POD_NAME: namespace default, and
+    # the labels come from CILIA_LABELS; a malformed label is a CNI error, nothing made.
+    c = host.add_pod("c", args="IgnoreUnknown=1;K8S_POD_NAME=c;CILIA_LABELS=app=web,tier=fe")
+    ep = [e for e in json.loads(host.cilia("endpoint", "list", "-o", "json").stdout)
+          if e["status"]["networking"]["addressing"][0]["ipv4"] == pod_addr(c)][0]
+    for label in ("k8s:app=web", "k8s:tier=fe", "k8s:io.kubernetes.pod.namespace=default"):
+        assert label in ep["status"]["identity"]["labels"], ep["status"]["identity"]
+    host.cni("DEL", "c")
+    sh("ip", "netns", "add", f"{host.prefix}-d")
+    host.pod_netns.append(f"{host.prefix}-d")
+    r = host.cni("ADD", "d", args="K8S_POD_NAME=d;CILIA_LABELS=oops", check=False)
+    err = json.loads(r.stdout)
+    assert r.returncode != 0 and err["code"] == 4 and "CILIA_LABELS" in err["msg"], r.stdout
+    assert len(json.loads(host.cilia("endpoint", "list", "-o", "json").stdout)) == 2
 
     # The supervisor restarts a crashed agent; pods keep their datapath meanwhile.
     pids["agent"].signal(signal.SIGKILL, group=False)

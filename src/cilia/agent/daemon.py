@@ -268,12 +268,14 @@ class Agent:
 
     # --- CNI ------------------------------------------------------------------------------------
 
-    async def security_labels(self, namespace: str, name: str) -> tuple[dict, list[str]]:
+    async def security_labels(self, namespace: str, name: str,
+                              fallback: dict | None = None) -> tuple[dict, list[str]]:
         from cilia.identity.labels import pod_security_labels
         from cilia.objects import Objects
         objs = Objects(self.store)
         got = await objs.get("pods", namespace, name)
-        pod_labels = dict((got[0]["metadata"].get("labels") or {}) if got else {})
+        # No Pod object (podman, a bare runtime): the labels the CNI call carried.
+        pod_labels = dict((got[0]["metadata"].get("labels") or {}) if got else fallback or {})
         sa = ((got[0].get("spec") or {}).get("serviceAccountName") if got else None) or "default"
         ns = await objs.get("namespaces", None, namespace)
         ns_labels = dict((ns[0]["metadata"].get("labels") or {}) if ns else {})
@@ -283,7 +285,7 @@ class Agent:
     async def cni_add(self, creq: CniRequest) -> dict:
         if self.identities is not None and creq.pod_name:
             creq.labels, creq.identity_labels = await self.security_labels(
-                creq.pod_namespace, creq.pod_name)
+                creq.pod_namespace, creq.pod_name, creq.labels)
             await self.identities.start()  # idempotent; the restore task may not have yet
             creq.identity = (await self.identities.allocate(creq.identity_labels)).id
         result = await self.blocking(self.endpoints.add, creq)

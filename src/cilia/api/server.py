@@ -30,9 +30,22 @@ def _cni_request(body: dict) -> CniRequest:
         return CniRequest(container_id=body["containerID"], netns=body.get("netns", ""),
                           ifname=body.get("ifname") or "eth0",
                           pod_namespace=args.get("K8S_POD_NAMESPACE", ""),
-                          pod_name=args.get("K8S_POD_NAME", ""))
+                          pod_name=args.get("K8S_POD_NAME", ""),
+                          labels=_arg_labels(args.get("CILIA_LABELS", "")))
     except KeyError as e:
         raise EndpointError(f"missing field {e.args[0]}", code=4) from None
+
+
+def _arg_labels(raw: str) -> dict[str, str]:
+    """CNI_ARGS CILIA_LABELS=k=v,k2=v2: the labels of a workload that has no Pod object
+    (podman passes CNI_ARGS from its environment through to the plugin)."""
+    out = {}
+    for pair in filter(None, raw.split(",")):
+        k, sep, v = pair.partition("=")
+        if not sep or not k:
+            raise EndpointError(f"CNI_ARGS CILIA_LABELS: {pair!r} is not key=value", code=4)
+        out[k] = v
+    return out
 
 
 def build_app(agent: "Agent") -> web.Application:

@@ -67,8 +67,13 @@ def run(env: dict[str, str], stdin: str) -> tuple[int, dict | None]:
     ifname = env.get("CNI_IFNAME", "eth0")
     if command != "DEL" and not env.get("CNI_IFNAME"):
         raise PluginError(E_INVALID_ENV, "CNI_IFNAME is required")
+    args = parse_cni_args(env.get("CNI_ARGS", ""))
+    if args.get("K8S_POD_NAME") and not args.get("K8S_POD_NAMESPACE"):
+        # podman's CNI backend sends the container name as K8S_POD_NAME and no namespace:
+        # outside Kubernetes a workload lives in namespace "default".
+        args["K8S_POD_NAMESPACE"] = "default"
     body = {"containerID": container_id, "netns": env.get("CNI_NETNS", ""), "ifname": ifname,
-            "args": parse_cni_args(env.get("CNI_ARGS", "")), "netconf": conf}
+            "args": args, "netconf": conf}
     if command == "ADD" and not body["netns"]:
         raise PluginError(E_INVALID_ENV, "CNI_NETNS is required for ADD")
 
