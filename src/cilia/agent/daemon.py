@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from cilia import paths
-from cilia.agent import node_net
+from cilia.agent import node_net, observe
 from cilia.agent.supervisor import Supervisor
 from cilia.datapath.node import NodeConfig, NodeDatapath
 from cilia.endpoint import link
@@ -116,7 +116,7 @@ class Agent:
             node_ip4=self.cfg.node_ip, router_ip4=router, pod_cidr4=self.pod_cidr,
             node_id=self.cfg.node_id, routing=self.cfg.routing, tunnel_ifindex=tunnel_ifindex,
             native_ifindex=uplink_ifindex, cluster_cidr4=self.cfg.cluster_cidr,
-            masquerade=self.cfg.masquerade))
+            masquerade=self.cfg.masquerade, flags=observe.datapath_flags(self.cfg)))
         self.datapath.load()
         self.datapath.attach_netdev(uplink_ifindex)
         if tunnel_ifindex:
@@ -375,6 +375,7 @@ class Agent:
                                       "cil_from_netdev", "cil_to_netdev"]
                          + (["cil_from_overlay", "cil_to_overlay"] if self.cfg.tunnel else [])},
             "store": await self.store_status(),
+            "hubble": observe.status(self),
         }
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -407,6 +408,7 @@ async def run(cfg: AgentConfig) -> int:
         await agent.start()
         sup = Supervisor()
         sup.add("api", agent.serve)
+        observe.start(agent, sup)
         from cilia.agent.metrics_server import serve_metrics  # Prometheus, node netns :9962
         sup.add("metrics", lambda: serve_metrics(agent))
         if agent.cluster is not None:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 
+from cilia.agent import observe
 from cilia.agent.daemon import AgentConfig, run
 
 
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy-audit-mode", action="store_true",
                    help="report would-be policy drops as AUDIT and forward them")
     p.add_argument("--log-level", default="INFO")
+    observe.add_flags(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                       socket=a.socket,
                       state_dir=a.state_dir, pin_dir=a.pin_dir, node_id=a.node_id,
                       policy_enforcement=a.enable_policy, policy_audit=a.policy_audit_mode)
+    observe.apply_flags(cfg, a)
     return asyncio.run(run(cfg))
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from cilia.api import flows
 from cilia.api.models import endpoint_model
 from cilia.api.policy_routes import add_policy_routes
 from cilia.endpoint.manager import CniRequest, EndpointError
@@ -129,6 +130,7 @@ def build_app(agent: "Agent") -> web.Application:
     add_policy_routes(routes, agent)
     app = web.Application()
     app.add_routes(routes)
+    flows.add_routes(app, agent)
     return app
 
 

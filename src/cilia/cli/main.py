@@ -11,6 +11,7 @@ from cilia.cli.context import CLIError
 from cilia.cli.install_cmd import install, uninstall
 from cilia.cli.k8s_cmd import apply, delete, exec_, get, wait
 from cilia.cli.lab_cmd import lab
+from cilia.cli.monitor_cmd import monitor
 from cilia.kvstore import KVStoreError
 from cilia.cli.service_cmd import service
 from cilia.cli.observe_cmd import observe
@@ -41,6 +42,7 @@ for cmd in (install, uninstall):
     cli.add_command(cmd)
 for cmd in (policy, config):
     cli.add_command(cmd)
+cli.add_command(monitor)
 add_bpf_policy(bpf)
 add_endpoint_config(endpoint)
 
