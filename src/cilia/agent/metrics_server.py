@@ -17,9 +17,15 @@ log = logging.getLogger("cilia.agent.metrics")
 DEFAULT_PORT = 9962
 
 
+def _observer(agent):
+    """The agent's flow ring: agent.hubble.observer (cilia.agent.observe)."""
+    h = getattr(agent, "hubble", None)
+    return getattr(h, "observer", None) if h is not None else getattr(agent, "observer", None)
+
+
 def _lost_events(agent) -> dict[str, int]:
-    """What the event reader and the observer lost, under Hubble's source names."""
-    obs = getattr(agent, "observer", None)
+    """What the event reader lost (the BPF ring buffer was full), under Hubble's source name."""
+    obs = getattr(agent, "hubble", None) or _observer(agent)
     out: dict[str, int] = {}
     if obs is None:
         return out
@@ -68,7 +74,7 @@ async def serve_metrics(agent, host: str = "0.0.0.0", port: int | None = None) -
     unsubscribe = None
     try:
         while True:
-            obs = getattr(agent, "observer", None)
+            obs = _observer(agent)
             if unsubscribe is None and obs is not None:
                 unsubscribe = obs.subscribe(hubble.on_flow)
             regen.poll()
