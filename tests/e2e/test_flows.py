@@ -49,6 +49,27 @@ spec:
   - {name: dns, port: 53, protocol: UDP, targetPort: 53}
 """
 
+ONLY_9999 = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: server-only-9999}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts: [{ports: [{port: "9999", protocol: TCP}]}]
+"""
+
+DENY_CLIENT = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: deny-client}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+"""
+
 FLOOD = """
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -245,3 +266,44 @@ def test_ring_pressure_counts_lost_events_in_status(lab):
     # `cilia status` (cilium-cli shape) carries it too, through the same agent status.
     shown = lab.cilia("status", "--verbose", "-o", "json").json()["hubble"]["lost_events"]
     assert shown >= hub["lost_events"]
+
+
+def test_policy_denied_and_explicit_deny_flows(lab):
+    client, _, server, server_ip = _pods(lab)
+
+    def attempt(port: int) -> float:
+        t = time.time()
+        assert lab.exec(client, "curl", "-s", "-m", "2", f"http://{server_ip}:{port}/", check=False).rc != 0
+        return t
+
+    def to_server(kind: int, t0: float):
+        def pred(f):
+            return (f["event_type"]["type"] == kind and dst(f) == server_ip and f["verdict"] == "DROPPED"
+                    and f["source"].get("pod_name") == client)
+        got = wait_flows(lab, pred, query=f"?since={t0 - 1:.3f}")
+        assert got, f"no DROPPED flow of type {kind}"
+        return got[-1]["flow"]
+
+    lab.cilia("apply", "--wait", "-f", "-", input=ONLY_9999, timeout=120)
+    try:
+        t0 = attempt(8080)
+        drop = to_server(1, t0)
+        assert (drop["drop_reason"], drop["drop_reason_desc"]) == (133, "POLICY_DENIED")
+        assert drop["traffic_direction"] == "INGRESS" and drop["destination"]["pod_name"] == server
+        assert drop["l4"]["TCP"]["destination_port"] == 8080
+        verdict = to_server(5, t0)
+        assert verdict["drop_reason_desc"] == "POLICY_DENIED" and verdict["policy_match_type"] == 0
+        assert verdict["traffic_direction"] == "INGRESS"
+        assert verdict["source"]["identity"] == drop["source"]["identity"]
+
+        lab.cilia("apply", "--wait", "-f", "-", input=DENY_CLIENT, timeout=120)
+        t1 = attempt(8080)
+        drop = to_server(1, t1)
+        assert (drop["drop_reason"], drop["drop_reason_desc"]) == (181, "POLICY_DENY")
+        verdict = to_server(5, t1)
+        assert verdict["drop_reason_desc"] == "POLICY_DENY" and verdict["policy_match_type"] > 0
+        (rule,) = verdict["ingress_denied_by"]
+        assert (rule["name"], rule["namespace"], rule["kind"]) == ("deny-client", "default", "CiliumNetworkPolicy")
+        assert "k8s:io.cilium.k8s.policy.name=deny-client" in rule["labels"]
+    finally:
+        lab.cilia("delete", "-f", "-", input=ONLY_9999 + "---" + DENY_CLIENT, check=False)

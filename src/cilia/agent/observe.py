@@ -58,9 +58,16 @@ class AgentFlowContext:
         return self._services.get((ip, port, proto))
 
     def rule(self, cookie: int) -> dict | None:
-        # The policy engine may offer rule provenance by cookie; without it, none.
-        fn = getattr(self.agent, "rule_by_cookie", None)
-        return fn(cookie) if callable(fn) else None
+        """The policy a cookie names, in Hubble's Policy shape (Cilium's derived-from labels)."""
+        engine = getattr(getattr(self.agent, "policy", None), "engine", None)
+        src = engine.rule_source(cookie) if engine is not None else None
+        if src is None or src.kind.startswith("<"):  # no rule: not enforced, allow-localhost
+            return None
+        labels = [f"k8s:io.cilium.k8s.policy.derived-from={src.kind}", f"k8s:io.cilium.k8s.policy.name={src.name}"]
+        if src.namespace:
+            labels.append(f"k8s:io.cilium.k8s.policy.namespace={src.namespace}")
+        return {"name": src.name, "namespace": src.namespace, "labels": labels,
+                "revision": getattr(engine, "revision", 0), "kind": src.kind}
 
     # -- refresh ------------------------------------------------------------------------
     def refresh_local(self) -> None:
