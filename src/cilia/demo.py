@@ -15,6 +15,13 @@ apiVersion: v1
 kind: Namespace
 metadata: {name: shop, labels: {team: shop}}
 ---
+apiVersion: v1
+kind: Pod
+metadata: {name: frontend, namespace: shop, labels: {app: frontend, tier: web}}
+spec:
+  nodeName: node1
+  containers: [{name: client, image: busybox}]
+---
 apiVersion: apps/v1
 kind: Deployment
 metadata: {name: backend, namespace: shop}
@@ -27,14 +34,48 @@ spec:
       containers:
       - name: echo
         image: cilia/echo
-        ports: [{containerPort: 8080, name: http}, {containerPort: 8080, protocol: UDP, name: udp}]
+        ports: [{containerPort: 8080, name: http}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: backend, namespace: shop}
+spec:
+  selector: {app: backend}
+  ports: [{port: 80, targetPort: http}]
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: frontend, namespace: shop, labels: {app: frontend, tier: web}}
+metadata: {name: database, namespace: shop, labels: {app: database, tier: db}}
 spec:
-  nodeName: node1
-  containers: [{name: client, image: busybox}]
+  nodeName: node2
+  containers: [{name: db, image: cilia/echo, ports: [{containerPort: 5432, name: sql}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: database, namespace: shop}
+spec:
+  selector: {app: database}
+  ports: [{port: 5432, targetPort: sql}]
+"""
+
+POLICY = """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: database-from-backend, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: database}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: backend}}}]
+    ports: [{port: sql}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: backend-from-frontend, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: backend}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: frontend}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
 """
 
 
@@ -51,6 +92,12 @@ def run(*args: str, input: str | None = None, show: bool = True, check: bool = T
     return p.stdout
 
 
+def curl(pod: str, url: str) -> bool:
+    out = run("exec", "-n", "shop", pod, "--", "curl", "-s", "-m", "2", "-o", "/dev/null", "-w",
+              "%{http_code}\\n", url, check=False)
+    return out.strip() == "200"
+
+
 def main() -> int:
     t0 = time.monotonic()
     labs = json.loads(subprocess.run([CILIA, "lab", "list", "-o", "json"], capture_output=True,
@@ -59,35 +106,47 @@ def main() -> int:
         print(f"(removing the previous {LAB} lab)")
         run("lab", "down", "--name", LAB, show=False)
     run("lab", "up", "--name", LAB, "--nodes", "2")
-    print("\nA sample app: a frontend pod on node1 and two backend echo pods spread over the nodes.")
+    print("\nA sample shop: frontend -> backend (2 replicas behind a ClusterIP service) -> database.")
     run("apply", "-f", "-", input=APP)
     run("wait", "--for=condition=Ready", "pods", "--all", "-n", "shop", "--timeout", "60s")
     run("get", "pods", "-n", "shop", "-o", "wide")
+    run("get", "services", "-n", "shop")
+    svcs = json.loads(run("get", "services", "-n", "shop", "-o", "json", show=False))["items"]
+    vip = {s["metadata"]["name"]: s["spec"]["clusterIP"] for s in svcs}
     pods = json.loads(run("get", "pods", "-n", "shop", "-o", "json", show=False))["items"]
-    backends = [p["status"]["podIP"] for p in pods if p["metadata"]["labels"].get("app") == "backend"]
-    print("\nThe frontend talks to each backend: on the same node BPF redirects packets straight "
-          "into the peer pod; across nodes it encapsulates them in VXLAN with the source "
-          "identity in the VNI (no bridge, no iptables).")
-    for ip in backends:
-        run("exec", "-n", "shop", "frontend", "--", "curl", "-s", "-m", "3", f"http://{ip}:8080/hello")
-        print()
-    run("exec", "-n", "shop", "frontend", "--", "sh", "-c",
-        f"printf 'hello over UDP\\n' | nc -u -w1 {backends[0]} 8080")
-    run("exec", "-n", "shop", "frontend", "--", "ping", "-c", "2", "-i", "0.2", backends[1])
+    backend = next(p["metadata"]["name"] for p in pods if p["metadata"]["labels"].get("app") == "backend")
+    print("\nService load balancing in eBPF: the frontend reaches the backend service, the backend "
+          "its database; across nodes in VXLAN with the source identity in the VNI.")
+    curl("frontend", f"http://{vip['backend']}:80/")
+    curl(backend, f"http://{vip['database']}:5432/")
+    curl("frontend", f"http://{vip['database']}:5432/")
+    print("\nNow a policy: only the backend may reach the database, only the frontend the backend.")
+    run("apply", "--wait", "-f", "-", input=POLICY)
+    ok = [curl("frontend", f"http://{vip['backend']}:80/"),
+          curl(backend, f"http://{vip['database']}:5432/"),
+          not curl("frontend", f"http://{vip['database']}:5432/")]
+    print("\nWhy was frontend -> database dropped? One command:")
+    run("policy", "explain", "--from", "shop/frontend", "--to", "shop/database", "--port", "5432")
+    run("observe", "-n", "shop", "--verdict", "DROPPED", "--last", "3", check=False)
+    run("observe", "-n", "shop", "--to-pod", "shop/database", "--last", "4", check=False)
+    run("endpoint", "list", "--node", "node2")
+    print("\nCilium's connectivity test, against this lab:")
+    run("connectivity", "test", check=False)
     run("status")
-    run("identity", "list")
-    run("endpoint", "list", "--node", "node1")
-    run("bpf", "ipcache", "list", "--node", "node1")
-    run("bpf", "metrics", "list", "--node", "node1")
-    print(f"\n✅ demo finished in {time.monotonic() - t0:.1f}s. The lab '{LAB}' is still running. Try:")
+    took = time.monotonic() - t0
+    if not all(ok):
+        raise SystemExit("demo: the policy did not behave as shown above")
+    print(f"\n✅ demo finished in {took:.0f}s. The lab '{LAB}' is still running. Try:")
     print(f"   export CILIA_LAB={LAB}")
     print("   cilia get pods -A -o wide")
-    print("   cilia exec -n shop frontend -- curl -s http://<backend IP>:8080/")
-    print("   cilia status --verbose --node node1     # one agent, cilium-dbg style")
-    print("   cilia bpf endpoint list --node node1")
-    print("   cilia lab node add                       # grow the cluster; watch the ipcache")
-    print("   cilia lab exec node1 -- bpftool net show   # the programs on each lxc veth")
-    print(f"   cilia lab down --name {LAB}               # remove everything")
+    print("   cilia observe -n shop --follow                  # live flows (Ctrl-C to stop)")
+    print("   cilia policy explain --from shop/frontend --to shop/backend --port 8080")
+    print("   cilia hubble enable --ui                        # service map on http://127.0.0.1:12000")
+    print("   cilia monitor -t drop --node node2              # raw datapath events")
+    print("   cilia status --verbose --node node1             # one agent, cilium-dbg style")
+    print("   cilia bpf policy get --all --node node2         # the policy map as the kernel has it")
+    print("   cilia lab node add                              # grow the cluster")
+    print(f"   cilia lab down --name {LAB}                      # remove everything")
     return 0
 
 
