@@ -165,36 +165,51 @@ def _filter_labels(objs: list[dict], selector: str | None) -> list[dict]:
 @click.option("-l", "--selector", default=None)
 @click.pass_context
 def get(ctx, resource, names, namespace, all_ns, output, selector) -> None:
-    from cilia.cluster import ApplyError, kind_of
+    """kubectl get; RESOURCE may be a comma list (pods,services), and `policies` means every
+    policy kind (NetworkPolicy, CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy)."""
+    from cilia.cluster import POLICY_KINDS, ApplyError, display, kind_of
+    words = [w for w in resource.split(",") if w]
     try:
-        kind = kind_of(resource)
+        kinds = [k for w in words for k in (POLICY_KINDS if w == "policies" else (kind_of(w),))]
     except ApplyError as e:
         raise CLIError(str(e)) from None
+    if names and len(kinds) > 1:
+        raise CLIError("you must specify only one resource type when naming objects")
     _, cl = cluster(ctx)
     try:
-        spec = KINDS[kind]
-        ns = None if (all_ns or not spec.namespaced) else namespace
-        objs = cl.list(kind, ns)
+        listed = []
+        for kind in kinds:
+            spec = KINDS[kind]
+            listed.append((kind, cl.list(kind, None if (all_ns or not spec.namespaced) else namespace)))
     finally:
         cl.close()
-    objs = _filter_labels(objs, selector)
-    if names:
-        found = {o["metadata"]["name"]: o for o in objs}
-        missing = [n for n in names if n not in found]
-        if missing:
-            raise CLIError(f'Error from server (NotFound): {spec.plural} "{missing[0]}" not found')
-        objs = [found[n] for n in names]
-    for o in objs:
-        o.setdefault("apiVersion", spec.api_versions[0])
-        o.setdefault("kind", kind)
+    tables, items = [], []
+    for kind, objs in listed:
+        spec = KINDS[kind]
+        objs = _filter_labels(objs, selector)
+        if names:
+            found = {o["metadata"]["name"]: o for o in objs}
+            missing = [n for n in names if n not in found]
+            if missing:
+                raise CLIError(f'Error from server (NotFound): {spec.plural} "{missing[0]}" not found')
+            objs = [found[n] for n in names]
+        for o in objs:
+            o.setdefault("apiVersion", spec.api_versions[0])
+            o.setdefault("kind", kind)
+        items += objs
+        if objs and output not in ("json", "yaml"):
+            # kubectl names each row kind/name when several kinds are shown
+            tables.append(print_table(kind, objs, wide=output == "wide", all_namespaces=all_ns,
+                                      name_prefix=f"{display(kind)}/" if len(kinds) > 1 else ""))
     if output in ("json", "yaml"):
-        body = objs[0] if len(names) == 1 else to_list(objs)
+        body = items[0] if len(names) == 1 else to_list(items)
         click.echo(dump(body, output), nl=False)
         return
-    if not objs:
-        click.echo(no_resources_message(namespace, all_ns, spec.namespaced), err=True)
+    if not items:
+        click.echo(no_resources_message(namespace, all_ns, any(KINDS[k].namespaced for k in kinds)),
+                   err=True)
         return
-    click.echo(print_table(kind, objs, wide=output == "wide", all_namespaces=all_ns), nl=False)
+    click.echo("\n".join(tables), nl=False)
 
 
 @click.command("exec", context_settings={"ignore_unknown_options": True,

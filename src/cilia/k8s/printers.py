@@ -324,8 +324,9 @@ def _namespaced(kind: str, objs: list[dict]) -> bool:
 
 
 def print_table(kind: str, objs: list[dict], wide: bool = False, all_namespaces: bool = False,
-                now: datetime | None = None) -> str:
-    """`kubectl get <kind>` output; '' when there is nothing (see no_resources_message)."""
+                now: datetime | None = None, name_prefix: str = "") -> str:
+    """`kubectl get <kind>` output; '' when there is nothing (see no_resources_message).
+    name_prefix ("pod/"): kubectl's naming when one listing shows several kinds."""
     if not objs:
         return ""
     kind = _canonical_kind(kind)
@@ -341,6 +342,7 @@ def print_table(kind: str, objs: list[dict], wide: bool = False, all_namespaces:
     # The API server lists in key order: namespace, then name.
     for obj in sorted(objs, key=lambda o: (_meta(o).get("namespace", ""), _meta(o).get("name", ""))):
         row = table.row(obj, now)
+        row[0] = name_prefix + row[0]
         if wide and table.wide_row is not None:
             row += table.wide_row(obj, now)
         if with_ns:
