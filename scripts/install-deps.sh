@@ -5,7 +5,10 @@ set -euo pipefail
 pkgs=(clang llvm libbpf-dev libbpf1 bpftool linux-libc-dev iproute2 iputils-ping
       netcat-openbsd curl iperf3 sockperf etcd-server ethtool iptables util-linux
       python3-venv python3-dev
-      prometheus chromium chromium-driver)  # metrics scrape and UI browser tests
+      prometheus chromium chromium-driver  # metrics scrape and UI browser tests
+      # podman through cilia's CNI plugin: CNI backend + runc (crun fails on hybrid cgroups),
+      # busybox-static as the image-less test rootfs
+      podman runc containernetworking-plugins busybox-static)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -330,3 +330,95 @@ def test_failed_install_is_undone(host):
     assert not os.path.exists(host.pins)
     for d in host.dirs.values():
         assert not os.path.exists(d), d
+
+
+STORE_KEYS = """
+import json, sys
+from cilia.kvstore import SyncStore
+s = SyncStore(sys.argv[1])
+kvs, _ = s.list("/cilia/")
+print(json.dumps({kv.key: kv.value.decode() for kv in kvs}))
+s.close()
+"""
+
+
+def test_install_with_etcd_and_uninstall_forgets_the_node(host, tmp_path):
+    """--store etcd: an etcd reachable over the stand-in host's uplink (in the router netns).
+    The node's keys are in etcd while installed and gone after uninstall; the shared objects
+    (namespaces) stay."""
+    data = tmp_path / "etcd"
+    url = f"http://{host.net}.1:2379"
+    sh("ip", "-n", host.router, "link", "set", "lo", "up")  # etcd's peer URL is on loopback
+    etcd = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{host.router}", "--", "etcd", "--name", "e",
+         "--data-dir", str(data), "--listen-client-urls", url, "--advertise-client-urls", url,
+         "--listen-peer-urls", "http://127.0.0.1:2380",
+         "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+         "--initial-cluster", "e=http://127.0.0.1:2380", "--log-level", "warn", "--logger", "zap"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    store = f"etcd://{host.net}.1:2379"
+
+    def keys() -> dict:
+        return json.loads(in_ns(host.ns, sys.executable, "-c", STORE_KEYS, store).stdout)
+
+    try:
+        deadline = time.monotonic() + 30
+        while in_ns(host.ns, sys.executable, "-c", STORE_KEYS, store + "?timeout=1",
+                    check=False).returncode != 0:
+            assert time.monotonic() < deadline, "etcd did not start"
+            time.sleep(0.3)
+        before = host.snapshot()
+        host.install("--store", "etcd", "--etcd-endpoints", url)
+        # The CLI reaches etcd from where the host's processes are.
+        st = json.loads(in_ns(host.ns, CILIA, "status", "-o", "json", env=host.env).stdout)
+        assert st["store"]["backend"] == "etcd" and st["store"]["ok"], st["store"]
+        assert st["cilia"]["ready"] == 1 and st["operator"] == "OK", st
+        a = host.add_pod("a")
+        deadline = time.monotonic() + 10
+        while f"/cilia/ipcache/v1/{pod_addr(a)}" not in keys():
+            assert time.monotonic() < deadline, "endpoint not published to etcd"
+            time.sleep(0.2)
+        have = keys()
+        assert f"/cilia/nodes/v1/{host.node}" in have
+        assert f"/cilia/ipam/v1/podcidrs/{host.node}" in have
+        host.cilia("uninstall")
+        left = keys()
+        mine = [k for k in left if host.node in k.split("/") or k.startswith("/cilia/ipcache/")
+                or k.startswith("/cilia/ipam/v1/claims/")]
+        assert mine == [], mine
+        assert "/cilia/k8s/namespaces/default" in left
+        assert_same_host(before, host.snapshot())
+        assert not os.path.exists(host.pins)
+        for d in host.dirs.values():
+            assert not os.path.exists(d), d
+    finally:
+        os.killpg(etcd.pid, signal.SIGTERM)
+        etcd.wait(timeout=10)
+
+
+def _exec_start(unit: str, env: dict[str, str]) -> list[str]:
+    import re
+    import shlex
+    text = open(unit).read().replace("\\\n", " ")
+    line = next(l for l in text.splitlines() if l.startswith("ExecStart="))
+    line = re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], line[len("ExecStart="):])
+    return shlex.split(line)
+
+
+def test_systemd_units_match_the_daemons_flags():
+    """contrib/systemd/ is documentation that runs: its command lines must parse."""
+    from cilia.agent.main import parser
+    from cilia.operator.main import parse_args
+    d = os.path.join(os.path.dirname(__file__), "..", "..", "contrib", "systemd")
+    env = dict(l.split("=", 1) for l in open(os.path.join(d, "cilia.env")).read().splitlines()
+               if l and not l.startswith("#"))
+    agent = _exec_start(os.path.join(d, "cilia-agent.service"), env)
+    assert agent[0].endswith("/cilia-agent")
+    a = parser().parse_args(agent[1:])
+    assert a.store == env["CILIA_STORE"] and a.routing == env["CILIA_ROUTING"]
+    op = _exec_start(os.path.join(d, "cilia-operator.service"), env)
+    assert op[0].endswith("/cilia-operator")
+    assert parse_args(op[1:]).cluster_cidr == env["CILIA_CLUSTER_CIDR"]
+    conf = json.load(open(os.path.join(d, "05-cilia.conflist")))
+    assert conf["plugins"][0]["agent-socket"] == a.socket
+    assert conf["plugins"][0]["type"] == "cilia-cni"

@@ -10,7 +10,7 @@ from cilia.agent import observe
 from cilia.agent.daemon import AgentConfig, run
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cilia-agent")
     p.add_argument("--cluster", required=True)
     p.add_argument("--node", required=True)
@@ -34,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="report would-be policy drops as AUDIT and forward them")
     p.add_argument("--log-level", default="INFO")
     observe.add_flags(p)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = AgentConfig(cluster=a.cluster, node=a.node, node_ip=a.node_ip, pod_cidr=a.pod_cidr,

@@ -8,9 +8,9 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
-import uuid
 
 from cilia import netns, paths
 from cilia.install import host
@@ -89,23 +89,18 @@ def _preflight(cfg: InstallConfig) -> None:
         raise InstallError(f"BPF objects not built ({e}); run make bpf") from None
 
 
-def _seed_store(cfg: InstallConfig) -> None:
-    """Namespaces the identities of pods refer to; kept if another node made them first."""
-    from cilia.kvstore import SyncStore
-    from cilia.objects import encode, key
-    store = SyncStore(cfg.store_url())
+def _store_op(cfg: InstallConfig, op: str, timeout: float = 30.0) -> None:
+    """Store work runs where the agent runs (--netns): that is where the store is reachable."""
+    argv = [sys.executable, "-m", "cilia.install.storeops", op, "--state-dir", cfg.state_dir]
+    if cfg.netns:
+        argv = netns.nsenter_argv(cfg.netns, argv)
     try:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        for ns in ("default", "kube-system"):
-            k = key("namespaces", None, ns)
-            if store.get(k) is None:
-                store.put(k, encode({
-                    "apiVersion": "v1", "kind": "Namespace",
-                    "metadata": {"name": ns, "uid": str(uuid.uuid4()), "creationTimestamp": ts,
-                                 "labels": {"kubernetes.io/metadata.name": ns}},
-                    "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}))
-    finally:
-        store.close()
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise InstallError(f"store {cfg.store_url()}: no answer in {timeout:g}s") from None
+    if p.returncode != 0:
+        lines = p.stderr.strip().splitlines() or ["failed"]
+        raise InstallError(f"store {cfg.store_url()}: {lines[-1]}")
 
 
 def agent_healthy(cfg: InstallConfig) -> bool:
@@ -147,10 +142,7 @@ def install(cfg: InstallConfig, progress=None, timeout: float = READY_TIMEOUT) -
         os.chmod(cfg.plugin_path, 0o755)
         paths.write_atomic(cfg.conflist_path, json.dumps(conflist(cfg), indent=2) + "\n")
         say(f"CNI: {cfg.plugin_path}, {cfg.conflist_path}")
-        try:
-            _seed_store(cfg)
-        except Exception as e:
-            raise InstallError(f"store {cfg.store_url()}: {e}") from None
+        _store_op(cfg, "seed")
         argv = [sys.executable, "-m", "cilia.install.supervisor", "--state-dir", cfg.state_dir]
         if cfg.netns:
             argv = netns.nsenter_argv(cfg.netns, argv)
@@ -187,29 +179,6 @@ def _stop_pid_file(path: str, grace: float) -> bool:
     return was
 
 
-def _forget_node_in_store(cfg: InstallConfig) -> None:
-    """A shared etcd outlives this host: take out what this node put there (its leases would
-    expire these too, but not the pod CIDR claim)."""
-    from cilia.kvstore import SyncStore
-    from cilia.objects import decode
-    store = SyncStore(cfg.store_url() + "?timeout=3")
-    try:
-        store.delete(f"/cilia/nodes/v1/{cfg.node}")
-        kvs, _ = store.list("/cilia/ipcache/v1/")
-        for kv in kvs:
-            if decode(kv.value).get("node") == cfg.node:
-                store.delete(kv.key)
-        from cilia.operator.podcidr import claim_key, podcidr_key
-        got = store.get(podcidr_key(cfg.node))
-        if got is not None:
-            cidr = decode(got.value).get("cidr")
-            store.delete(podcidr_key(cfg.node))
-            if cidr:
-                store.delete(claim_key(cidr))
-    finally:
-        store.close()
-
-
 def uninstall(state_dir: str, progress=None) -> list[str]:
     """Remove every trace of the install recorded in state_dir; works from the record alone,
     also after a half-done install or with the daemons dead."""
@@ -236,9 +205,10 @@ def uninstall(state_dir: str, progress=None) -> list[str]:
         removed.append(f"pins {cfg.pin_dir}")
     if cfg.store == "etcd" and rec.status == "installed":
         try:
-            _forget_node_in_store(cfg)
-        except Exception as e:  # an unreachable etcd must not keep the host dirty
-            say(f"warning: could not remove node {cfg.node} from etcd: {e}")
+            _store_op(cfg, "forget")
+            removed.append(f"node {cfg.node} in the store")
+        except InstallError as e:  # an unreachable etcd must not keep the host dirty
+            say(f"warning: could not remove node {cfg.node} from the store: {e}")
     for f in rec.files:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f)
