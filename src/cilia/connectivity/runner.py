@@ -397,6 +397,7 @@ class Runner:
             peer = node
             a = Action(run.name, "no-unexpected-packet-drops",
                        ActionSpec(f"drops-on-{node.name}", peer, peer, "metrics"), NONE, NONE)
+            a.flow_status = "n/a"
             run.actions.append(a)
             b, c = (before or {}).get(node.name, {}), after.get(node.name, {})
             if isinstance(b, str) or isinstance(c, str):
