@@ -102,6 +102,19 @@ def test_namespace():
     assert sel(f, "--from-namespace", "team-a") and not sel(f, "--to-namespace", "team-a")
     with pytest.raises(FilterError):
         obs("-n", "a/b")
+    # hubble applies -n to pod and service values: -n ns --pod x is ns/x, on both sides
+    allow, _ = obs("--pod", "web", "-n", "team-b")
+    assert allow == [{"source_pod": ["team-b/web"]}, {"destination_pod": ["team-b/web"]}]
+    assert sel(flow(dst_pod="web", dst_ns="team-b"), "-n", "team-b", "--pod", "web")
+    assert not sel(flow(dst_pod="web", dst_ns="default"), "-n", "team-b", "--pod", "web")
+    allow, _ = obs("--from-namespace", "a", "--to-namespace", "b")
+    assert allow == [{"source_pod": ["a/"], "destination_pod": ["b/"]}]
+    allow, _ = obs("-n", "a", "--service", "web")
+    assert allow == [{"source_service": ["a/web"]}, {"destination_service": ["a/web"]}]
+    with pytest.raises(FilterError):
+        obs("-n", "a", "--to-pod", "x")
+    with pytest.raises(FilterError):
+        obs("--ip", "10.0.0.1", "--pod", "x")
 
 
 def test_not_negates_only_the_next_flag():

@@ -333,12 +333,17 @@ def validate(allow: list[dict] | None, deny: list[dict] | None) -> tuple[list[di
 # --- hubble observe flags -> filters -------------------------------------------------------
 
 class _Tracker:
-    """Hubble's filterTracker: a left (source side) and a right (destination side) filter."""
+    """Hubble's filterTracker: a left (source side) and a right (destination side) filter,
+    plus the namespaces from -n/--from-namespace/--to-namespace, applied to the pod and
+    service values when the filters are materialized (so `-n ns --pod x` means ns/x)."""
 
     def __init__(self) -> None:
         self.left: dict | None = None
         self.right: dict | None = None
         self.flags: set[str] = set()
+        self.ns: list[str] = []
+        self.src_ns: list[str] = []
+        self.dst_ns: list[str] = []
 
     def _add(self, side: str, field: str, value: Any) -> None:
         f = getattr(self, side)
@@ -357,19 +362,43 @@ class _Tracker:
         self._add("left", left_field, value)
         self._add("right", right_field, value)
 
+    @staticmethod
+    def _with_ns(values: list[str], nss: list[str]) -> list[str]:
+        out: list[str] = []
+        for v in values:
+            for x in ([v] if "/" in v else [f"{ns}/{v}" for ns in nss]):
+                if x not in out:
+                    out.append(x)
+        return out
+
+    def _apply_ns(self, f: dict, side: str, nss: list[str]) -> None:
+        pod, svc = f"{side}_pod", f"{side}_service"
+        if not f.get(pod) and not f.get(svc):
+            f[pod] = [""]
+        for k in (pod, svc):
+            if f.get(k):
+                f[k] = self._with_ns(f[k], nss)
+
     def filters(self) -> list[dict]:
-        if self.left is None and self.right is None:
+        if self.left is None and self.right is None and not (self.ns or self.src_ns or self.dst_ns):
             return []
-        if self.left == self.right:
-            return [copy.deepcopy(self.left)]
-        return [copy.deepcopy(f) for f in (self.left, self.right) if f is not None]
+        left, right = copy.deepcopy(self.left or {}), copy.deepcopy(self.right or {})
+        if self.dst_ns:
+            self._apply_ns(left, "destination", self.dst_ns)
+            self._apply_ns(right, "destination", self.dst_ns)
+        if self.src_ns:
+            self._apply_ns(left, "source", self.src_ns)
+            self._apply_ns(right, "source", self.src_ns)
+        if self.ns:
+            self._apply_ns(left, "source", self.ns)
+            self._apply_ns(right, "destination", self.ns)
+        return [left] if left == right else [left, right]
 
 
 # flag -> (kind, field(s)); kind: "split" (source on the left, destination on the right),
 # "both" (the same field on both sides).
 _SPLIT = {
     "pod": ("source_pod", "destination_pod"),
-    "namespace": ("source_pod", "destination_pod"),
     "label": ("source_label", "destination_label"),
     "ip": ("source_ip", "destination_ip"),
     "port": ("source_port", "destination_port"),
@@ -379,7 +408,6 @@ _SPLIT = {
 }
 _BOTH = {
     "from-pod": "source_pod", "to-pod": "destination_pod",
-    "from-namespace": "source_pod", "to-namespace": "destination_pod",
     "from-label": "source_label", "to-label": "destination_label",
     "from-ip": "source_ip", "to-ip": "destination_ip",
     "from-port": "source_port", "to-port": "destination_port",
@@ -391,17 +419,27 @@ _BOTH = {
     "drop-reason-desc": "drop_reason_desc", "tcp-flags": "tcp_flags", "uuid": "uuid",
     "is-reply": "reply",
 }
-FLAGS = tuple(_SPLIT) + tuple(_BOTH)
+_NAMESPACE = {"namespace": "ns", "from-namespace": "src_ns", "to-namespace": "dst_ns"}
+FLAGS = tuple(_SPLIT) + tuple(_BOTH) + tuple(_NAMESPACE)
+# hubble observe's conflict groups (flags in one group cannot be combined in one list).
+_CONFLICT_GROUPS = (
+    {"from-ip", "ip", "from-namespace", "namespace"},
+    {"from-ip", "ip", "from-pod", "pod"},
+    {"to-ip", "ip", "to-namespace", "namespace"},
+    {"to-ip", "ip", "to-pod", "pod"},
+    {"to-pod", "namespace"}, {"from-pod", "namespace"},
+    {"to-service", "namespace"}, {"from-service", "namespace"},
+    {"label", "from-label"}, {"label", "to-label"},
+    {"service", "from-service"}, {"service", "to-service"},
+    {"port", "to-port"}, {"port", "from-port"},
+    {"identity", "to-identity"}, {"identity", "from-identity"},
+    {"workload", "to-workload"}, {"workload", "from-workload"},
+)
 SHORT = {"-n": "namespace", "-l": "label", "-t": "type"}
 
 
-def _conflicts(flag: str) -> tuple[str, ...]:
-    if flag in _SPLIT:
-        return (f"from-{flag}", f"to-{flag}")
-    for pre in ("from-", "to-"):
-        if flag.startswith(pre) and flag[len(pre):] in _SPLIT:
-            return (flag[len(pre):],)
-    return ()
+def _conflicts(flag: str) -> set[str]:
+    return set().union(*(g for g in _CONFLICT_GROUPS if flag in g)) - {flag}
 
 
 class FilterBuilder:
@@ -422,12 +460,15 @@ class FilterBuilder:
         self._negate = False
         # hubble refuses these pairs: --pod x --from-pod y would put both into the source
         # side filter, where they OR instead of meaning anything a user would intend.
-        for other in _conflicts(flag):
-            if other in tr.flags:
-                raise FilterError(f"--{flag} cannot be combined with --{other}")
+        for other in sorted(_conflicts(flag) & tr.flags):
+            raise FilterError(f"filters --{flag} and --{other} cannot be combined")
         tr.flags.add(flag)
         v = self._value(flag, value)
-        if flag in _SPLIT:
+        if flag in _NAMESPACE:
+            lst = getattr(tr, _NAMESPACE[flag])
+            if v not in lst:
+                lst.append(v)
+        elif flag in _SPLIT:
             tr.split(*_SPLIT[flag], v)
         elif flag in _BOTH:
             tr.both(_BOTH[flag], v)
@@ -439,7 +480,7 @@ class FilterBuilder:
         if flag in ("namespace", "from-namespace", "to-namespace"):
             if not value or "/" in value:
                 raise FilterError(f"--{flag} {value!r}: expected a namespace name")
-            return value + "/"
+            return value
         if flag in ("pod", "from-pod", "to-pod", "service", "from-service", "to-service"):
             if not value:
                 raise FilterError(f"--{flag}: empty value")
