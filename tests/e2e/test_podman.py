@@ -107,14 +107,22 @@ events_logger = "file"
 
 
 def root_netns_links() -> set[str]:
-    return {l["ifname"] for l in json.loads(sh("ip", "-j", "link", "show").stdout)}
+    """Links in the root netns a CNI plugin could have made (other sessions' short-lived
+    veths on their way into their namespaces are none of ours)."""
+    return {l["ifname"] for l in json.loads(sh("ip", "-j", "link", "show").stdout)
+            if l["ifname"].startswith(("lxc", "cilia_"))}
 
 
-def cni_cache() -> set[str]:
-    # libcni's result cache: podman 4.3 has no setting for its location.
-    with contextlib.suppress(FileNotFoundError):
-        return set(os.listdir("/var/lib/cni/results"))
-    return set()
+def shared_state() -> dict[str, set[str]]:
+    """Host directories podman 4.3 uses whatever its config says: libcni's result cache and
+    runc's state root. They may exist; the test must leave nothing in them."""
+    out = {}
+    for d in ("/var/lib/cni/results", "/run/runc"):
+        try:
+            out[d] = set(os.listdir(d))
+        except FileNotFoundError:
+            out[d] = set()
+    return out
 
 
 def echo_from(pm: Podman, name: str, labels: str, ip: str) -> subprocess.CompletedProcess:
@@ -141,7 +149,7 @@ def test_podman_containers_networked_and_policed_by_cilia(installed):
     before_host = host.snapshot()
     before_root = root_netns_links()
     before_netns = set(os.listdir("/run/netns"))
-    before_cache = cni_cache()
+    before_shared = shared_state()
     host.install()
     pm.setup()
     p = host.prefix
@@ -202,4 +210,4 @@ def test_podman_containers_networked_and_policed_by_cilia(installed):
     assert root_netns_links() == before_root
     # podman's own namespaces (netns-<uuid>) went with its containers; others' come and go.
     assert {n for n in set(os.listdir("/run/netns")) - before_netns if n.startswith("netns-")} == set()
-    assert cni_cache() == before_cache
+    assert shared_state() == before_shared
