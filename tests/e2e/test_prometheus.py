@@ -113,3 +113,20 @@ def test_prometheus_scrapes_agent_and_flow_metrics(lab, prometheus):
     assert any(r["metric"].get("verdict") == "FORWARDED" and float(r["value"][1]) > 0 for r in res), res
     fwd = wait_query(lab, 'cilia_forward_count_total{direction="EGRESS"} > 0')
     assert fwd, "datapath forward counter not scraped"
+
+
+def test_grafana_dashboard_queries_evaluate(lab, prometheus):
+    """Every query of contrib/grafana/cilia-dashboard.json is valid PromQL over what the agent
+    exports (Grafana's variables substituted as Grafana would)."""
+    from tests.unit.test_hubble_metrics import dashboard_exprs
+    assert wait_query(lab, 'up{job="cilia-agent"} == 1')
+    time.sleep(3)  # a few scrapes, so rate() has two points
+    nonempty = 0
+    for expr in dashboard_exprs():
+        q = expr.replace("$__rate_interval", "1m").replace("$instance", ".*")
+        url = "http://127.0.0.1:9090/api/v1/query?" + urllib.parse.urlencode({"query": q})
+        r = fabric_exec(lab, "curl", "-s", "-m", "3", url)
+        body = json.loads(r.stdout)
+        assert body["status"] == "success", (expr, body)
+        nonempty += bool(body["data"]["result"])
+    assert nonempty >= 5, nonempty

@@ -3,6 +3,9 @@ Prometheus is tests/e2e/test_prometheus.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import re
 import socket
 import urllib.request
 from types import SimpleNamespace
@@ -135,3 +138,28 @@ def test_metrics_server_subscribes_to_the_observer_and_serves_text():
     assert 'hubble_flows_processed_total{protocol="TCP",subtype="to-endpoint",type="Trace",verdict="FORWARDED"} 1.0' in body
     assert "cilia_endpoint 2.0" in body
     assert subs == []  # unsubscribed on stop
+
+
+DASHBOARD = os.path.join(os.path.dirname(__file__), "..", "..", "contrib", "grafana", "cilia-dashboard.json")
+
+
+def dashboard_exprs() -> list[str]:
+    with open(DASHBOARD) as f:
+        d = json.load(f)
+    return [t["expr"] for p in d["panels"] for t in p["targets"]]
+
+
+def test_dashboard_queries_only_metrics_we_export():
+    reg = CollectorRegistry()
+    agent = fake_agent()
+    m = HubbleMetrics(reg, lost_events=lambda: {"perf_event_ring_buffer": 0})
+    reg.register(AgentCollector(agent))
+    RegenerationSampler(reg, agent)
+    pv = flow(verdict="DROPPED", etype=5, drop_desc="POLICY_DENIED")
+    for f in (flow(), pv):
+        m.on_flow({"flow": f})
+    exported = {s.name for fam in reg.collect() for s in fam.samples}
+    used = set()
+    for e in dashboard_exprs():
+        used |= set(re.findall(r"\b((?:hubble|cilia)_[a-z0-9_]+)", e))
+    assert used and used <= exported, used - exported

@@ -224,6 +224,9 @@ class RegenerationSampler:
                               registry=registry)
         self.count = Counter("cilia_endpoint_regenerations", "Count of all endpoint regenerations",
                              ["outcome"], registry=registry)
+        # the series exist from the first scrape (zero), so dashboards show 0 and not "no data"
+        self.hist.labels("total", "success")
+        self.count.labels("success")
         self.seen = 0
 
     def poll(self) -> None:
