@@ -11,11 +11,12 @@ import shlex
 import sys
 import time
 
-from bench import crossnode, podstart, samenode, services, store_latency
+from bench import crossnode, events, podstart, samenode, services, store_latency
 from bench.common import install_signal_handlers, machine, write_result
 
 BENCHMARKS = {"podstart": podstart, "samenode": samenode, "crossnode": crossnode,
-              "store": store_latency, "services": services}
+              "store": store_latency, "services": services,
+              "events": events}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                 res = samenode.run(quick=args.quick, reps=args.reps, secs=args.seconds)
             elif b == "services":
                 res = services.run(quick=args.quick, reps=args.reps)
+            elif b == "events":
+                res = events.run(quick=args.quick, reps=args.reps, secs=args.seconds)
             elif b == "crossnode":
                 res = crossnode.run(quick=args.quick, reps=args.reps, secs=args.seconds)
             else:

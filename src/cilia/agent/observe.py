@@ -38,6 +38,7 @@ class AgentFlowContext:
         self._services: dict[tuple[str, int, int], tuple[str, str]] = {}
         self._lb_version = None
         self._ids_at = 0.0
+        self.side_cache: dict = {}  # flow.build's per-peer cache; cleared on every refresh
 
     # -- FlowContext --------------------------------------------------------------------
     def endpoint(self, ip: str) -> F.EndpointView | None:
@@ -71,6 +72,7 @@ class AgentFlowContext:
 
     # -- refresh ------------------------------------------------------------------------
     def refresh_local(self) -> None:
+        self.side_cache.clear()
         eps = self.agent.endpoints.endpoints.values() if self.agent.endpoints else ()
         self._local = {e.ip4: F.EndpointView(identity=e.identity, ep_id=e.id, namespace=e.pod_namespace,
                                              pod_name=e.pod_name, labels=list(e.identity_labels),

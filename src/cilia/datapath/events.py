@@ -160,30 +160,35 @@ def _mac(b: bytes) -> str:
     return b.hex(":")
 
 
+_ETH_IP4 = struct.Struct("!6s6s2sBx2x2xHxB2x4s4s")  # Ethernet + the IPv4 fields we use
+_PORTS_FLAGS = struct.Struct("!HH8xxB")           # TCP: ports ... flags (byte 13)
+_PORTS = struct.Struct("!HH")
+
+
 def parse_packet(ev: Event, pkt: bytes) -> None:
     """Fills ev's L2-L4 fields from the captured bytes (Ethernet first)."""
-    if len(pkt) < 14:
+    n = len(pkt)
+    if n < 34:
+        if n >= 14:
+            ev.dst_mac, ev.src_mac = pkt[0:6].hex(":"), pkt[6:12].hex(":")
         return
-    ev.dst_mac, ev.src_mac = _mac(pkt[0:6]), _mac(pkt[6:12])
-    if pkt[12:14] != b"\x08\x00" or len(pkt) < 34:
-        return
-    vihl = pkt[14]
+    dmac, smac, ethertype, vihl, frag, proto, saddr, daddr = _ETH_IP4.unpack_from(pkt, 0)
+    ev.dst_mac, ev.src_mac = dmac.hex(":"), smac.hex(":")
     ihl = (vihl & 0x0F) * 4
-    if vihl >> 4 != 4 or ihl < 20:
+    if ethertype != b"\x08\x00" or vihl >> 4 != 4 or ihl < 20:
         return
     ev.l3 = "IPv4"
-    ev.ip_proto = pkt[23]
-    ev.src_ip = socket.inet_ntoa(pkt[26:30])
-    ev.dst_ip = socket.inet_ntoa(pkt[30:34])
-    frag = int.from_bytes(pkt[20:22], "big") & 0x1FFF
-    l4 = 14 + ihl
-    if frag:
+    ev.ip_proto = proto
+    ev.src_ip = socket.inet_ntoa(saddr)
+    ev.dst_ip = socket.inet_ntoa(daddr)
+    if frag & 0x1FFF:
         return
-    if ev.ip_proto in (6, 17, 132) and len(pkt) >= l4 + 4:
-        ev.src_port, ev.dst_port = struct.unpack_from("!HH", pkt, l4)
-        if ev.ip_proto == 6 and len(pkt) >= l4 + 14:
-            ev.tcp_flags = pkt[l4 + 13]
-    elif ev.ip_proto == 1 and len(pkt) >= l4 + 2:
+    l4 = 14 + ihl
+    if proto == 6 and n >= l4 + 14:
+        ev.src_port, ev.dst_port, ev.tcp_flags = _PORTS_FLAGS.unpack_from(pkt, l4)
+    elif proto in (6, 17, 132) and n >= l4 + 4:
+        ev.src_port, ev.dst_port = _PORTS.unpack_from(pkt, l4)
+    elif proto == 1 and n >= l4 + 2:
         ev.icmp_type, ev.icmp_code = pkt[l4], pkt[l4 + 1]
 
 

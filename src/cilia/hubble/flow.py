@@ -5,9 +5,10 @@ through a :class:`FlowContext`, so the mapping is testable without an agent and 
 can answer lookups from its in-memory state without touching the store per event."""
 from __future__ import annotations
 
+import functools
+import os
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -52,17 +53,23 @@ _ICMP4_NAMES = {0: "EchoReply", 3: "DestinationUnreachable", 4: "SourceQuench", 
 _DEPLOY_POD = re.compile(r"^(?P<name>.+)-[a-z0-9]{6,10}-[a-z0-9]{5}$")
 
 
+@functools.lru_cache(maxsize=4096)
+def _workloads(pod_name: str, has_hash_label: bool | None) -> tuple[tuple[str, str], ...]:
+    if not pod_name:
+        return ()
+    m = _DEPLOY_POD.match(pod_name)
+    if m and has_hash_label is not False:
+        return ((m.group("name"), "Deployment"),)
+    return ((pod_name, "Pod"),)
+
+
 def workloads(pod_name: str, labels: list[str] | None = None) -> list[dict]:
     """The owner Hubble would name: a Deployment for its pods (the name minus the
     replicaset hash and pod suffix, confirmed by a pod-template-hash label when labels are
     known), the pod itself otherwise."""
-    if not pod_name:
-        return []
-    m = _DEPLOY_POD.match(pod_name)
-    has_hash = labels is None or any("pod-template-hash" in lb for lb in labels) or bool(m)
-    if m and has_hash:
-        return [{"name": m.group("name"), "kind": "Deployment"}]
-    return [{"name": pod_name, "kind": "Pod"}]
+    # Cilium filters pod-template-hash out of identity labels, so its absence proves nothing:
+    # the name's shape decides.
+    return [{"name": n, "kind": k} for n, k in _workloads(pod_name, None)]
 
 
 @dataclass
@@ -105,9 +112,32 @@ class _Clock:
 _clock = _Clock()
 
 
+_sec_cache = [-1, ""]
+
+
 def format_time(ns: int) -> str:
     secs, frac = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac:09d}Z"
+    if secs != _sec_cache[0]:  # strftime once per second of event time, not per flow
+        _sec_cache[0], _sec_cache[1] = secs, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+    return f"{_sec_cache[1]}.{frac:09d}Z"
+
+
+class _Uuids:
+    """Version-4-shaped UUIDs from a random base and a counter: unique per agent run at a
+    fraction of uuid4()'s cost (one urandom read per flow is most of that)."""
+
+    def __init__(self):
+        self._hi = int.from_bytes(os.urandom(8), "big")
+        self._n = int.from_bytes(os.urandom(6), "big")
+
+    def __call__(self) -> str:
+        self._n = (self._n + 1) & 0xFFFFFFFFFFFF
+        h = self._hi
+        return (f"{h >> 32:08x}-{(h >> 16) & 0xFFFF:04x}-4{h & 0xFFF:03x}-"
+                f"{0x8000 | (self._n >> 36) & 0x3FFF:04x}-{self._n & 0xFFFFFFFFF:012x}")
+
+
+new_uuid = _Uuids()
 
 
 _RFC3339 = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?([Zz]|[+-]\d\d:\d\d)$")
@@ -149,6 +179,20 @@ def summary(ev: E.Event) -> str:
 
 
 def _side(ctx: FlowContext, ip: str, identity: int) -> dict:
+    """One side's endpoint object. Contexts with a ``side_cache`` dict (cleared whenever
+    what they know changes) answer repeated peers from it: the same pods talk a lot."""
+    cache = getattr(ctx, "side_cache", None)
+    if cache is None:
+        return _side_uncached(ctx, ip, identity)
+    got = cache.get((ip, identity))
+    if got is None:
+        if len(cache) > 65536:
+            cache.clear()
+        got = cache[(ip, identity)] = _side_uncached(ctx, ip, identity)
+    return dict(got)  # shallow: the lists inside are shared and must not be mutated
+
+
+def _side_uncached(ctx: FlowContext, ip: str, identity: int) -> dict:
     view = ctx.endpoint(ip) if ip else None
     ident = identity or (view.identity if view else 0) or (2 if ip else 0)  # unknown = world
     out: dict = {}
@@ -188,8 +232,7 @@ def _service(ctx: FlowContext, ip: str, port: int, proto: int) -> dict | None:
     return {"name": svc[1], "namespace": svc[0]} if svc else None
 
 
-def build(ev: E.Event, ctx: FlowContext, *, new_uuid: Callable[[], str] = lambda: str(uuid.uuid4())
-          ) -> tuple[int, dict]:
+def build(ev: E.Event, ctx: FlowContext, *, new_uuid: Callable[[], str] = new_uuid) -> tuple[int, dict]:
     """(unix ns, record) for one event; the record is what /v1/flows streams."""
     t_ns = _clock.wall_ns(ev.ktime_ns)
     ts = format_time(t_ns)
@@ -264,6 +307,7 @@ class StaticContext:
     identities: dict[int, list[str]] = field(default_factory=dict)
     services: dict[tuple[str, int, int], tuple[str, str]] = field(default_factory=dict)
     rules: dict[int, dict] = field(default_factory=dict)
+    side_cache: dict = field(default_factory=dict)
 
     def endpoint(self, ip: str) -> EndpointView | None:
         return self.endpoints.get(ip)
@@ -278,7 +322,12 @@ class StaticContext:
         return self.rules.get(cookie)
 
 
-def reserved_labels(identity: int) -> list[str]:
+@functools.lru_cache(maxsize=64)
+def _reserved_labels(identity: int) -> tuple[str, ...]:
     from cilia.identity.reserved import reserved_identity
     r = reserved_identity(identity)
-    return sorted(r.labels) if r is not None else []
+    return tuple(sorted(r.labels)) if r is not None else ()
+
+
+def reserved_labels(identity: int) -> list[str]:
+    return list(_reserved_labels(identity))
