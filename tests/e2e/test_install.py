@@ -195,9 +195,12 @@ def pod_addr(result: dict) -> str:
     return result["ips"][0]["address"].split("/")[0]
 
 
-def test_install_pods_uninstall_leaves_host_as_it_was(host):
+@pytest.mark.parametrize("routing", ["tunnel", "native"])
+def test_install_pods_uninstall_leaves_host_as_it_was(host, routing):
     before = host.snapshot()
-    r = host.install()
+    # native: also an explicit pod CIDR (no operator allocation) and no VXLAN device.
+    extra = ["--routing", "native", "--pod-cidr", "10.250.3.0/24"] if routing == "native" else []
+    r = host.install(*extra)
     assert "agent healthy" in r.stdout
     assert host.healthy()
     # Files a runtime needs, where it looks for them.
@@ -223,9 +226,14 @@ def test_install_pods_uninstall_leaves_host_as_it_was(host):
     assert st["cilia"] == {"desired": 1, "ready": 1, "available": 1}, st
     assert st["operator"] == "OK" and st["store"]["ok"] and st["store"]["backend"] == "sqlite"
     node = st["nodes"][host.node]
-    assert node["node_ip"] == f"{host.net}.2" and node["routing"] == "tunnel"
-    assert node["mtu"] == 1450  # uplink 1500 minus VXLAN
-    assert node["ipam"]["pod_cidr"].startswith("10.244.")
+    assert node["node_ip"] == f"{host.net}.2" and node["routing"] == routing
+    if routing == "tunnel":
+        assert node["mtu"] == 1450  # uplink 1500 minus VXLAN
+        assert node["ipam"]["pod_cidr"].startswith("10.244.")
+    else:
+        assert node["mtu"] == 1500 and node["ipam"]["pod_cidr"] == "10.250.3.0/24"
+    vxlan = sh("ip", "-n", host.ns, "link", "show", "cilia_vxlan", check=False).returncode == 0
+    assert vxlan == (routing == "tunnel")
 
     # Two pods through the real plugin binary: address, MAC in the result, reachability.
     a, b = host.add_pod("a"), host.add_pod("b")
