@@ -298,6 +298,13 @@ class Deployment:
     # --- cleanup -------------------------------------------------------------------------------
 
     def _delete_namespace(self, cl: Cluster) -> None:
+        # Policies go with their namespace, as in Kubernetes (a crashed run may have left some).
+        for kind in ("CiliumNetworkPolicy", "NetworkPolicy"):
+            for o in cl.list(kind, self.namespace):
+                try:
+                    cl.delete(kind, self.namespace, o["metadata"]["name"])
+                except ApplyError:
+                    pass
         pending = cl.delete("Namespace", None, self.namespace)
         left = cl.wait_gone(pending, self.timeout)
         if left:

@@ -29,6 +29,17 @@ FIRST_DROP_REASON = 130    # Cilium: reasons below are forwards/traces
 LOCAL_PORT_BASE, LOCAL_PORT_SPAN, LOCAL_PORTS_PER_ACTION = 20000, 9000, 8
 
 
+async def _uninterruptible(coro):
+    """Await to the end even when the run is cancelled meanwhile (a signal during cleanup)."""
+    fut = asyncio.ensure_future(coro)
+    while True:
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            if fut.done():
+                return fut.result()
+
+
 class SelectionError(ValueError):
     pass
 
@@ -140,7 +151,7 @@ class Runner:
             self.out.end_dots()
             if self.p.verbose or self.interrupted:
                 self.out.line(f"🔥 [{self.spec.name}] Deleting connectivity check deployments...")
-            problems = await asyncio.to_thread(self.deployment.cleanup)
+            problems = await _uninterruptible(asyncio.to_thread(self.deployment.cleanup))
             for pr in problems:
                 self.out.line(f"⚠️  cleanup: {pr}")
             if problems and rc == 0:
