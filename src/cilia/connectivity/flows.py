@@ -60,6 +60,16 @@ class AgentFlows:
             if status != 200:
                 raise FlowAPIUnavailable(f"GET /v1/flows/status on {node}: HTTP {status}")
 
+    def lost_events(self) -> dict[str, int]:
+        """Each agent's count of datapath events it could not read (ring overruns)."""
+        out = {}
+        for node, sock in self.sockets.items():
+            status, body = _get_raw(sock, "/v1/flows/status", self.timeout)
+            if status != 200:
+                raise FlowAPIUnavailable(f"GET /v1/flows/status on {node}: HTTP {status}")
+            out[node] = int(json.loads(body).get("lost_events") or 0)
+        return out
+
     async def since(self, ts: float) -> list[dict]:
         try:
             from cilia.hubble import relay

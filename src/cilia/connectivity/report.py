@@ -78,6 +78,11 @@ def summary(runs: list[TestRun], out: Output, flow_note: str | None) -> bool:
                  f"{scen_skipped} scenarios skipped.")
     if flow_note:
         out.line(f"ℹ️  Flow validation {flow_note}")
+    unsure = [a for r in ran for a in r.actions if a.flow_status.startswith("inconclusive")]
+    if unsure:
+        out.line(f"⚠️  Flow validation inconclusive for {len(unsure)} actions:")
+        for a in unsure:
+            out.line(f"  ⚠️  {a} ({a.flow_status})")
     return not failed
 
 
