@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from bench import crossnode, podstart, samenode, services, store_latency
+from bench import crossnode, events, podstart, samenode, services, store_latency
 from bench.common import RESULTS_DIR, fmt, table
 
 BEGIN, END = "<!-- bench:results:begin -->", "<!-- bench:results:end -->"
@@ -30,7 +30,7 @@ def _load(res: dict) -> str:
 def render() -> str:
     out: list[str] = []
     results = {n: load(n) for n in ("podstart", "samenode", "crossnode", "store",
-                                             "services")}
+                                             "services", "events")}
     any_res = next((r for r in results.values() if r), None)
     if any_res is None:
         return "(no results in bench/results/; run `make bench`)\n"
@@ -105,6 +105,12 @@ def render() -> str:
     sv = results["services"]
     if sv:
         out += _services(sv)
+    ev = results["events"]
+    if ev:
+        out += ["### Flow observability: the agent's event pipeline and its cost on traffic", "",
+                f"Command: `{ev['command']}` — {ev['wall_s']:.0f} s, {_load(ev)}, "
+                f"cilia {ev['machine']['git_commit']}, {ev['machine']['date']}.", "",
+                events.render(ev), ""]
     return "\n".join(out)
 
 

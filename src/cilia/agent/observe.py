@@ -142,6 +142,8 @@ class Hubble:
             self.observer.add(rec, ns)
             if logged is not None:
                 logged.append((ns, rec))
+            if monitors and ev.type == E.EVENT_DROP:
+                self._fill_drop(ev)
             for cb in monitors:
                 try:
                     cb(ev)
@@ -154,6 +156,19 @@ class Hubble:
             except Exception as e:  # a full disk must not stop the ring
                 self.error = f"flow log: {e}"
         return len(raws)
+
+    def _fill_drop(self, ev: E.Event) -> None:
+        """A drop is raised where the datapath may not know the peers (send_drop has only
+        the packet): what Cilium's drop notify carries, identities and the local endpoint
+        receiving, is resolved here from the addresses."""
+        src = self.ctx.endpoint(ev.src_ip) if ev.src_ip else None
+        dst = self.ctx.endpoint(ev.dst_ip) if ev.dst_ip else None
+        if not ev.src_identity:
+            ev.src_identity = src.identity if src else (2 if ev.src_ip else 0)
+        if not ev.dst_identity:
+            ev.dst_identity = dst.identity if dst else (2 if ev.dst_ip else 0)
+        if not ev.ep_id and dst is not None:
+            ev.ep_id = dst.ep_id
 
     def lost(self) -> int:
         return self.source.lost() if self.source is not None else 0
