@@ -129,11 +129,15 @@ def install(cfg: InstallConfig, progress=None, timeout: float = READY_TIMEOUT) -
     rec.links_before = host.in_netns(cfg.netns, host.link_names)
     rec.uplink_had_clsact = host.in_netns(cfg.netns, lambda: host.has_clsact(cfg.uplink))
     _mkdirs(cfg.state_dir, rec.created_dirs)
+    if cfg.state_dir in rec.created_dirs:
+        os.chmod(cfg.state_dir, 0o700)  # the store and endpoint state are root's business
     # The record goes down before anything else is made: a failed install is undone from it.
     rec.save()
     try:
         for d in (cfg.run_dir, cfg.log_dir, cfg.agent_state_dir, cfg.cni_bin_dir, cfg.cni_conf_dir):
             _mkdirs(d, rec.created_dirs)
+        if cfg.run_dir in rec.created_dirs:
+            os.chmod(cfg.run_dir, 0o700)
         if not os.path.ismount("/sys/fs/bpf"):
             raise InstallError("/sys/fs/bpf is not mounted (mount -t bpf bpf /sys/fs/bpf)")
         rec.files = [cfg.plugin_path, cfg.conflist_path]
