@@ -4,6 +4,7 @@ interrupt that must leave nothing behind. A few pure checks of the selection and
 matching rules run first, without a lab."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -33,6 +34,20 @@ def test_select_includes_excludes_and_rejects_bad_regex():
     assert select(TEST_NAMES, ("!.",)) == set()
     with pytest.raises(SelectionError):
         select(TEST_NAMES, ("(",))
+
+
+def test_every_manifest_the_suite_applies_is_valid():
+    from cilia.connectivity import manifests, suite
+    from cilia.connectivity.deploy import WORLD_OTHER_IP
+    from cilia.k8s.loader import load_manifests
+    objs = load_manifests(["-"], stdin=io.StringIO(manifests.workloads(NS, "node1", "node2")))
+    assert sorted(o["kind"] for o in objs).count("Deployment") == 4
+    used = {p for t in suite.build(WORLD_OTHER_IP) for p in t.policies}
+    assert used == set(manifests.POLICIES)
+    params = {"NS": NS, "EXTERNAL_CIDR": "198.51.100.0/24", "EXTERNAL_OTHER_IP": WORLD_OTHER_IP}
+    for name in used:
+        [policy] = load_manifests(["-"], stdin=io.StringIO(manifests.render_policy(name, params)))
+        assert policy["metadata"]["namespace"] == NS
 
 
 def _flow(src, sport, dst, dport, flags, verdict="FORWARDED", reason=None, direction="EGRESS"):
