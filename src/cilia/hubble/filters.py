@@ -197,8 +197,13 @@ def _values_for(lmap: dict, key: str) -> list[str]:
     return [v for s, v in lmap.get(k, []) if s == src]
 
 
+@lru_cache(maxsize=4096)
+def _label_map_of(labels: tuple[str, ...]) -> dict[str, list[tuple[str, str]]]:
+    return _label_map(labels)
+
+
 def _match_selector(labels: list[str], selector: str) -> bool:
-    lmap = _label_map(labels)
+    lmap = _label_map_of(tuple(labels))
     for key, op, vals in parse_selector(selector):
         have = _values_for(lmap, key)
         if op == "exists" and not have:
@@ -268,61 +273,96 @@ def _node_patterns(values: list[str]) -> list[str]:
     return [v.split("/", 1)[1] if "/" in v else v for v in values]
 
 
-def _port_match(port, values) -> bool:
-    return port is not None and str(port) in {str(v) for v in values}
+def _upper_set(v: list) -> frozenset:
+    return frozenset(str(x).upper() for x in v)
 
 
-_FIELD_MATCHERS: dict[str, Callable[[dict, list], bool]] = {
-    "uuid": lambda f, v: f.get("uuid") in v,
-    "source_ip": lambda f, v: _match_ip(_ip(f, "source"), v),
-    "destination_ip": lambda f, v: _match_ip(_ip(f, "destination"), v),
-    "source_pod": lambda f, v: _match_pod(_ep(f, "source"), v),
-    "destination_pod": lambda f, v: _match_pod(_ep(f, "destination"), v),
-    "source_label": lambda f, v: any(_match_selector(_ep(f, "source").get("labels") or [], s) for s in v),
-    "destination_label": lambda f, v: any(_match_selector(_ep(f, "destination").get("labels") or [], s) for s in v),
-    "source_service": lambda f, v: _match_service(f.get("source_service"), v),
-    "destination_service": lambda f, v: _match_service(f.get("destination_service"), v),
-    "source_workload": lambda f, v: _match_workload(_ep(f, "source"), v),
-    "destination_workload": lambda f, v: _match_workload(_ep(f, "destination"), v),
-    "source_identity": lambda f, v: _ep(f, "source").get("identity") in {int(x) for x in v},
-    "destination_identity": lambda f, v: _ep(f, "destination").get("identity") in {int(x) for x in v},
-    "source_port": lambda f, v: _port_match(_ports(f)[0], v),
-    "destination_port": lambda f, v: _port_match(_ports(f)[1], v),
-    "verdict": lambda f, v: f.get("verdict") in {str(x).upper() for x in v},
-    "drop_reason_desc": lambda f, v: f.get("drop_reason_desc") in {str(x).upper() for x in v},
-    "event_type": _match_event_type,
-    "protocol": _match_protocol,
-    "traffic_direction": lambda f, v: f.get("traffic_direction") in {str(x).upper() for x in v},
-    "node_name": lambda f, v: any(fnmatch.fnmatchcase(f.get("node_name") or "", p) for p in _node_patterns(v)),
-    "tcp_flags": _match_tcp_flags,
-    "reply": lambda f, v: bool(f.get("is_reply")) in {bool(x) for x in v},
-    "ip_version": lambda f, v: ((f.get("IP") or {}).get("ipVersion")) in v,
+def _int_set(v: list) -> frozenset:
+    return frozenset(int(x) for x in v)
+
+
+# Per field: prepare(values) once per filter, then test(flow, prepared) per flow.
+_FIELDS: dict[str, tuple[Callable[[list], Any], Callable[[dict, Any], bool]]] = {
+    "uuid": (frozenset, lambda f, p: f.get("uuid") in p),
+    "source_ip": (list, lambda f, p: _match_ip(_ip(f, "source"), p)),
+    "destination_ip": (list, lambda f, p: _match_ip(_ip(f, "destination"), p)),
+    "source_pod": (list, lambda f, p: _match_pod(_ep(f, "source"), p)),
+    "destination_pod": (list, lambda f, p: _match_pod(_ep(f, "destination"), p)),
+    "source_label": (list, lambda f, p: any(_match_selector(_ep(f, "source").get("labels") or [], s) for s in p)),
+    "destination_label": (list, lambda f, p: any(_match_selector(_ep(f, "destination").get("labels") or [], s) for s in p)),
+    "source_service": (list, lambda f, p: _match_service(f.get("source_service"), p)),
+    "destination_service": (list, lambda f, p: _match_service(f.get("destination_service"), p)),
+    "source_workload": (list, lambda f, p: _match_workload(_ep(f, "source"), p)),
+    "destination_workload": (list, lambda f, p: _match_workload(_ep(f, "destination"), p)),
+    "source_identity": (_int_set, lambda f, p: _ep(f, "source").get("identity") in p),
+    "destination_identity": (_int_set, lambda f, p: _ep(f, "destination").get("identity") in p),
+    "source_port": (_int_set, lambda f, p: _ports(f)[0] in p),
+    "destination_port": (_int_set, lambda f, p: _ports(f)[1] in p),
+    "verdict": (_upper_set, lambda f, p: f.get("verdict") in p),
+    "drop_reason_desc": (_upper_set, lambda f, p: f.get("drop_reason_desc") in p),
+    "event_type": (list, _match_event_type),
+    "protocol": (list, _match_protocol),
+    "traffic_direction": (_upper_set, lambda f, p: f.get("traffic_direction") in p),
+    "node_name": (_node_patterns, lambda f, p: any(fnmatch.fnmatchcase(f.get("node_name") or "", x) for x in p)),
+    "tcp_flags": (list, _match_tcp_flags),
+    "reply": (lambda v: frozenset(bool(x) for x in v), lambda f, p: bool(f.get("is_reply")) in p),
+    "ip_version": (frozenset, lambda f, p: ((f.get("IP") or {}).get("ipVersion")) in p),
 }
 
 
-def match_one(flow: dict, ff: dict) -> bool:
+def compile_one(ff: dict) -> list[tuple[Callable[[dict, Any], bool], Any]]:
+    out = []
     for name, values in ff.items():
-        if not values:
+        if values in (None, [], ""):
             continue
-        m = _FIELD_MATCHERS.get(name)
-        if m is None:
-            name = _CAMEL.get(name)
-            m = _FIELD_MATCHERS.get(name) if name else None
-            if m is None:
-                raise FilterError(f"flow filter: unknown field {name!r}")
-        if not m(flow, values if isinstance(values, list) else [values]):
-            return False
-    return True
+        spec = _FIELDS.get(name) or _FIELDS.get(_CAMEL.get(name, ""))
+        if spec is None:
+            raise FilterError(f"flow filter: unknown field {name!r}")
+        prepare, test = spec
+        out.append((test, prepare(values if isinstance(values, list) else [values])))
+    return out
+
+
+def match_one(flow: dict, ff: dict) -> bool:
+    return all(test(flow, p) for test, p in compile_one(ff))
+
+
+# Compiled filter lists by identity: the API and the relay match every flow of a stream
+# against the same lists. The entry holds the list itself, so its id cannot be reused while
+# cached; a list must not be changed after it has been used for matching.
+_COMPILED: dict[int, tuple[list, list]] = {}
+
+
+def _compiled(lst: list[dict]) -> list:
+    got = _COMPILED.get(id(lst))
+    if got is not None and got[0] is lst:
+        return got[1]
+    c = [compile_one(ff) for ff in lst]
+    if len(_COMPILED) >= 256:
+        _COMPILED.clear()
+    _COMPILED[id(lst)] = (lst, c)
+    return c
+
+
+def _any(flow: dict, compiled: list) -> bool:
+    for tests in compiled:
+        for test, p in tests:
+            if not test(flow, p):
+                break
+        else:
+            return True
+    return False
 
 
 def match(flow: dict, allow: list[dict] | None, deny: list[dict] | None) -> bool:
     """Hubble's rule: in some allow filter (or no allow filters) and in no deny filter.
     Accepts the flow itself or the {"flow": ...} record around it."""
-    if "flow" in flow and isinstance(flow["flow"], dict):
-        flow = flow["flow"]
-    if allow and not any(match_one(flow, ff) for ff in allow):
+    inner = flow.get("flow")
+    if isinstance(inner, dict):
+        flow = inner
+    if allow and not _any(flow, _compiled(allow)):
         return False
-    return not (deny and any(match_one(flow, ff) for ff in deny))
+    return not (deny and _any(flow, _compiled(deny)))
 
 
 def validate(allow: list[dict] | None, deny: list[dict] | None) -> tuple[list[dict], list[dict]]:

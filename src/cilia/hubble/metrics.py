@@ -48,32 +48,42 @@ def _type_subtype(flow: dict) -> tuple[str, str]:
     return name, ""
 
 
+# name -> (help, label names), as Hubble's metrics plugins register them.
+_FLOW_METRICS = {
+    "hubble_flows_processed": ("Total number of flows processed", ("protocol", "subtype", "type", "verdict")),
+    "hubble_drop": ("Number of drops", ("protocol", "reason")),
+    "hubble_tcp_flags": ("TCP flag occurrences", ("family", "flag")),
+    "hubble_port_distribution": ("Numbers of packets distributed by destination port", ("port", "protocol")),
+    "hubble_policy_verdicts": ("Number of policy verdict events", ("action", "direction", "match")),
+}
+
+
 class HubbleMetrics:
-    """One instance per agent; on_flow is the Observer.subscribe callback (called for every
-    new record, so it only touches cached counter children)."""
+    """One instance per agent; on_flow is the Observer.subscribe callback, called for every
+    new record on the agent's loop, so it only bumps plain dict counters (a prometheus_client
+    Counter child takes a lock per inc); scrapes copy the dicts (atomic under the GIL)."""
 
     def __init__(self, registry: CollectorRegistry,
                  lost_events: Callable[[], dict[str, int]] | None = None):
-        self.flows = Counter("hubble_flows_processed_total", "Total number of flows processed",
-                             ["protocol", "subtype", "type", "verdict"], registry=registry)
-        self.drops = Counter("hubble_drop_total", "Number of drops",
-                             ["protocol", "reason"], registry=registry)
-        self.tcp = Counter("hubble_tcp_flags_total", "TCP flag occurrences",
-                           ["family", "flag"], registry=registry)
-        self.ports = Counter("hubble_port_distribution_total", "Numbers of packets distributed by destination port",
-                             ["port", "protocol"], registry=registry)
-        self.policy = Counter("hubble_policy_verdicts_total", "Number of policy verdict events",
-                              ["action", "direction", "match"], registry=registry)
-        self._children: dict[tuple, object] = {}
+        self._counts: dict[str, dict[tuple, int]] = {name: {} for name in _FLOW_METRICS}
+        self._flows = self._counts["hubble_flows_processed"]
+        self._drops = self._counts["hubble_drop"]
+        self._tcp = self._counts["hubble_tcp_flags"]
+        self._ports = self._counts["hubble_port_distribution"]
+        self._policy = self._counts["hubble_policy_verdicts"]
+        registry.register(self)
         if lost_events is not None:
             registry.register(_LostEvents(lost_events))
 
-    def _inc(self, metric: Counter, *labels: str) -> None:
-        key = (id(metric), labels)
-        c = self._children.get(key)
-        if c is None:
-            c = self._children[key] = metric.labels(*labels)
-        c.inc()
+    def describe(self):
+        return [CounterMetricFamily(n, h, labels=list(lb)) for n, (h, lb) in _FLOW_METRICS.items()]
+
+    def collect(self):
+        for name, (help_, labels) in _FLOW_METRICS.items():
+            fam = CounterMetricFamily(name, help_, labels=list(labels))
+            for key, n in sorted(dict(self._counts[name]).items()):
+                fam.add_metric(list(key), float(n))
+            yield fam
 
     def on_flow(self, record: dict) -> None:
         try:
@@ -86,29 +96,32 @@ class HubbleMetrics:
         proto = flow_protocol(flow)
         typ, sub = _type_subtype(flow)
         verdict = flow.get("verdict") or "VERDICT_UNKNOWN"
-        self._inc(self.flows, proto, sub, typ, verdict)
+        k = (proto, sub, typ, verdict)
+        self._flows[k] = self._flows.get(k, 0) + 1
         if verdict == "DROPPED":
-            self._inc(self.drops, proto, flow.get("drop_reason_desc") or "DROP_REASON_UNKNOWN")
+            k = (proto, flow.get("drop_reason_desc") or "DROP_REASON_UNKNOWN")
+            self._drops[k] = self._drops.get(k, 0) + 1
         l4 = flow.get("l4") or {}
         tcp = l4.get("TCP")
         if tcp:
             fam = (flow.get("IP") or {}).get("ipVersion") or "IPv4"
             fl = tcp.get("flags") or {}
-            if fl.get("SYN"):
-                self._inc(self.tcp, fam, "SYN-ACK" if fl.get("ACK") else "SYN")
-            for f in ("FIN", "RST"):
-                if fl.get(f):
-                    self._inc(self.tcp, fam, f)
+            for name, on in (("SYN-ACK" if fl.get("ACK") else "SYN", fl.get("SYN")),
+                             ("FIN", fl.get("FIN")), ("RST", fl.get("RST"))):
+                if on:
+                    k = (fam, name)
+                    self._tcp[k] = self._tcp.get(k, 0) + 1
         if (flow.get("event_type") or {}).get("type") == 5:
-            action = verdict.lower()
             match = POLICY_MATCH.get(flow.get("policy_match_type") or 0, "none").lower()
-            self._inc(self.policy, action, (flow.get("traffic_direction") or "unknown").lower(), match)
+            k = (verdict.lower(), (flow.get("traffic_direction") or "unknown").lower(), match)
+            self._policy[k] = self._policy.get(k, 0) + 1
         elif verdict == "FORWARDED" and not flow.get("is_reply"):
             for p in ("TCP", "UDP", "SCTP"):
                 if p in l4:
                     port = l4[p].get("destination_port")
                     if port:
-                        self._inc(self.ports, str(port), p)
+                        k = (str(port), p)
+                        self._ports[k] = self._ports.get(k, 0) + 1
                     break
 
 
