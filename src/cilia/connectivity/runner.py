@@ -159,7 +159,7 @@ class Runner:
         if self.interrupted:
             self.out.line("❌ interrupted: connectivity test did not finish")
             rc = 130
-        elif rc == 0 and not summary(self.runs, self.out, self.flow_note):
+        elif self.runs and not summary(self.runs, self.out, self.flow_note):
             rc = 1
         if self.p.json_output:
             write_json(self.p.json_output, to_json(self.runs, self.spec.name, self.p.namespace,
