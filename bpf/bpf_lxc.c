@@ -84,7 +84,7 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb)
 	struct policy_pkt pp = {};
 	struct nat_pkt p = {};
 	struct event_trace_info ti = {};
-	bool maybe_reply = false;
+	bool maybe_reply = false, hairpin;
 	__u16 ct_flags = 0;
 	int ret;
 
@@ -124,7 +124,11 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb)
 		ti.src_identity = EP_IDENTITY(src);
 		ti.ep_id = src->ep_id;
 	}
-	if (src) {
+	/* A pod reaching itself through a service: as in Cilium, policy is not asked (else
+	 * every pod would need a rule allowing itself). Only hairpin DNAT makes daddr the
+	 * sender's own address here; a pod's packets to itself never leave its netns. */
+	hairpin = src && pp.tuple.daddr == src->ip4;
+	if (src && !hairpin) {
 		ret = policy_check(skb, &pp, src, POLICY_EGRESS,
 				   pp.ct == POL_CT_NEW ? policy_dst_identity(pp.tuple.daddr) : 0);
 		if (ret)
@@ -157,8 +161,8 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb)
 	if (dst && !(dst->flags & EP_F_HOST)) {
 		/* The destination's ingress policy, on the same packet, with the sender's
 		 * identity (a pod hairpinned through a service meets its own identity). */
-		ret = policy_check(skb, &pp, dst, POLICY_INGRESS,
-				   src ? EP_IDENTITY(src) : IDENTITY_UNMANAGED);
+		ret = hairpin ? 0 : policy_check(skb, &pp, dst, POLICY_INGRESS,
+						 src ? EP_IDENTITY(src) : IDENTITY_UNMANAGED);
 		if (ret)
 			return send_drop(skb, ret, METRIC_INGRESS);
 		policy_ct_commit(&pp);

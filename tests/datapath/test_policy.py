@@ -344,17 +344,24 @@ def test_egress_policy_judges_the_translated_packet(node):
     assert [(c["saddr"], c["daddr"], c["dport"]) for c in dp.policy_ct_entries()] == [(A, B, 8080)]
 
 
-def test_hairpin_meets_its_own_identity(node):
+def test_hairpin_skips_policy_as_in_cilium(node):
+    """A pod reaching itself through a service is not judged by policy (Cilium skips
+    enforcement for hairpin flows), even with both directions enforced and no entry; its
+    reply passes too. A different pod through the same service is still judged."""
     dp = node.load()
     dp.upsert_service(1, VIP, 80, TCP, [LBBackend(1, A, 8080)])
     node.enforce("a", ingress=True, egress=True)
-    dp.sync_policy(EP["a"], [allow(EG, ID["a"], TCP, 8080)])
-    assert node.verdict(FROM_LXC, tcp(A, VIP, 42000, 80, SYN), "a") == TC_ACT_SHOT, "ingress: no allow"
-    assert metric(dp, DENIED, "INGRESS") == 1
-    dp.sync_policy(EP["a"], [allow(EG, ID["a"], TCP, 8080), allow(IN, ID["a"], TCP, 8080)])
-    r = node.send(FROM_LXC, tcp(A, VIP, 42001, 80, SYN), "a")
+    node.enforce("b", ingress=True, egress=True)
+    dp.sync_policy(EP["a"], [])
+    dp.sync_policy(EP["b"], [])
+    r = node.send(FROM_LXC, tcp(A, VIP, 42000, 80, SYN), "a")
     assert r.retval == TC_ACT_REDIRECT
     assert P.parse4(r.data_out)["src"] == "169.254.42.1"
+    r = node.send(FROM_LXC, tcp(A, "169.254.42.1", 8080, 42000, SYNACK), "a")
+    assert r.retval == TC_ACT_REDIRECT
+    assert (P.parse4(r.data_out)["src"], P.parse4(r.data_out)["sport"]) == (VIP, 80)
+    assert metric(dp, DENIED, "INGRESS") == 0 and metric(dp, DENIED, "EGRESS") == 0
+    assert node.verdict(FROM_LXC, tcp(B, VIP, 42001, 80, SYN), "b") == TC_ACT_SHOT
 
 
 # --- ingress outside cil_from_container -------------------------------------------------
