@@ -30,6 +30,8 @@ def connectivity() -> None:
 @click.option("--print-flows", is_flag=True, help="Print the flows of every action.")
 @click.option("--force-deploy", is_flag=True,
               help="Replace the test namespace when it already exists.")
+@click.option("--single-node", is_flag=True,
+              help="Deploy everything on one node (no echo-other-node, no cross-node scenarios).")
 @click.option("--json-output", metavar="FILE", default=None,
               help="Also write the results as JSON to FILE ('-' for stdout).")
 @click.option("--test-concurrency", "concurrency", type=int, default=10, show_default=True,
@@ -37,13 +39,18 @@ def connectivity() -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Print every scenario and action.")
 @click.pass_context
 def test(ctx, tests, test_namespace, connect_timeout, request_timeout, timeout,
-         flow_validation, print_flows, force_deploy, json_output, concurrency, verbose) -> None:
+         flow_validation, print_flows, force_deploy, single_node, json_output, concurrency,
+         verbose) -> None:
     """Deploy test workloads and check pod, service, host, world and policy connectivity."""
     from cilia.connectivity.runner import Params, Runner, SelectionError, select
     from cilia.k8s import names
     problems = names.dns1123_label(test_namespace)
     if problems:
         raise CLIError(f"--test-namespace {test_namespace}: {problems[0]}")
+    for flag, value in (("--connect-timeout", connect_timeout), ("--request-timeout", request_timeout),
+                        ("--timeout", timeout)):
+        if value <= 0:
+            raise CLIError(f"{flag} {value:g}: must be more than 0 seconds")
     if concurrency < 1:
         raise CLIError("--test-concurrency: must be at least 1")
     try:
@@ -54,5 +61,6 @@ def test(ctx, tests, test_namespace, connect_timeout, request_timeout, timeout,
     params = Params(namespace=test_namespace, tests=tests, connect_timeout=connect_timeout,
                     request_timeout=request_timeout, timeout=timeout, verbose=verbose,
                     flow_validation=flow_validation, json_output=json_output,
-                    force_deploy=force_deploy, print_flows=print_flows, concurrency=concurrency)
+                    force_deploy=force_deploy, single_node=single_node, print_flows=print_flows,
+                    concurrency=concurrency)
     sys.exit(Runner(spec, params).run())

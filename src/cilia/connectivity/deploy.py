@@ -67,7 +67,7 @@ class Deployment:
             raise DeployError(f"lab {self.spec.name}: no Ready node")
         return names
 
-    async def deploy(self, force: bool) -> Environment:
+    async def deploy(self, force: bool, single_node: bool = False) -> Environment:
         cl = self._cluster()
         try:
             if cl.get("Namespace", None, self.namespace) is not None:
@@ -78,7 +78,7 @@ class Deployment:
                 self.log(f"🔥 [{self.spec.name}] Deleting namespace {self.namespace}...")
                 self._delete_namespace(cl)
             nodes = self._nodes(cl)
-            node, other = nodes[0], (nodes[1] if len(nodes) > 1 else None)
+            node, other = nodes[0], (nodes[1] if len(nodes) > 1 and not single_node else None)
             self.log(f"✨ [{self.spec.name}] Creating namespace {self.namespace} for connectivity check...")
             objs = load_manifests(["-"], stdin=io.StringIO(
                 manifests.workloads(self.namespace, node, other)))

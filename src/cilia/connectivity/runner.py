@@ -71,6 +71,7 @@ class Params:
     flow_wait: float = 3.0
     json_output: str | None = None
     force_deploy: bool = False
+    single_node: bool = False
     print_flows: bool = False
     concurrency: int = 10
 
@@ -129,7 +130,7 @@ class Runner:
         try:
             if "no-unexpected-packet-drops" in chosen:
                 metrics_before = await asyncio.to_thread(self._drop_counters)
-            env = await self.deployment.deploy(self.p.force_deploy)
+            env = await self.deployment.deploy(self.p.force_deploy, self.p.single_node)
             if not await self._setup_flows():
                 return 1
             self.out.line("🏃 Running tests...")
