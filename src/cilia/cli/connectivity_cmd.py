@@ -53,8 +53,11 @@ def test(ctx, tests, test_namespace, connect_timeout, request_timeout, timeout,
             raise CLIError(f"{flag} {value:g}: must be more than 0 seconds")
     if concurrency < 1:
         raise CLIError("--test-concurrency: must be at least 1")
+    from cilia.connectivity import suite
+    from cilia.connectivity.deploy import WORLD_OTHER_IP
     try:
-        select(["x"], tests)
+        if not select([t.name for t in suite.build(WORLD_OTHER_IP)], tests):
+            raise CLIError(f"--test {' '.join(tests)}: no test matches")
     except SelectionError as e:
         raise CLIError(str(e)) from None
     spec = lab_spec(ctx)
