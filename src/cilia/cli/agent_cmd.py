@@ -74,6 +74,9 @@ def cluster_status(ctx) -> dict:
             errors.append(f"cilia-agent on {n}: {st}")
         elif not st.get("store", {}).get("ok", True):
             warnings.append(f"cilia-agent on {n}: store unreachable: {st['store'].get('error')}")
+        if isinstance(st, dict) and (st.get("hubble") or {}).get("lost_events"):
+            warnings.append(f"cilia-agent on {n}: {st['hubble']['lost_events']} datapath events lost "
+                            "(ring buffer full; flows are missing)")
     if not store_ok:
         errors.append(f"store: {store_err}")
     elif operator != "OK":
@@ -90,13 +93,32 @@ def cluster_status(ctx) -> dict:
                   "revision": store_rev, "error": store_err},
         "cilia": {"desired": len(spec.nodes), "ready": ready, "available": ready},
         "operator": operator,
-        "hubble_relay": "disabled",
+        "hubble_relay": _relay_state(spec.name),
         "cluster_mesh": "disabled",
         "pods": {"total": len(with_ip), "managed": len(managed)},
         "nodes": {n: (s if isinstance(s, dict) else {"error": s}) for n, s in statuses.items()},
         "errors": errors,
         "warnings": warnings,
     }
+
+
+def _relay_state(lab: str) -> str:
+    from cilia.hubble.relay import relay_file
+    from cilia.lab import state
+    from cilia.procs import ProcRef
+    rec = state.read_json(relay_file(lab), None)
+    if not rec:
+        return "disabled"
+    return "OK" if ProcRef.from_json(rec).alive() else "error (relay recorded but not running)"
+
+
+def _hubble_line(h: dict) -> str:
+    if not h or h.get("enabled") is False:
+        return "Disabled"
+    n, m = h.get("num_flows", 0), h.get("max_flows", 0) or 1
+    line = (f"{'Ok' if not h.get('error') else 'Warning'}   Current/Max Flows: {n}/{m} "
+            f"({100 * n / m:.2f}%), seen {h.get('seen_flows', 0)}, lost events {h.get('lost_events', 0)}")
+    return line + (f"; {h['error']}" if h.get("error") else "")
 
 
 def render_cluster_status(st: dict) -> str:
@@ -169,6 +191,7 @@ def render_node_status(st: dict) -> str:
         ("Datapath", f"{', '.join(st['datapath']['programs'])}; maps pinned at "
                      f"{st['datapath']['pin_dir']}"),
         ("Policy", _policy_line(st.get("policy") or {})),
+        ("Hubble", _hubble_line(st.get("hubble") or {})),
         ("Encryption", "Disabled"),
     ]
     lines += [f"{k + ':':<25}{v}" for k, v in rows]
