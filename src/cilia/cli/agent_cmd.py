@@ -235,8 +235,8 @@ def status(ctx, verbose: bool, wait: bool, wait_duration: float, node: str | Non
 
 def _not_ready(st: dict) -> bool:
     c = st["cilia"]
-    return bool(st["errors"] or st["warnings"] or c["ready"] < c["desired"]
-                or st["operator"] != "OK")
+    unmanaged = st["pods"]["managed"] < st["pods"]["total"]
+    return bool(st["errors"] or unmanaged or c["ready"] < c["desired"] or st["operator"] != "OK")
 
 
 def node_listing(group: click.Group, api_path: str, render, name: str = "list",
