@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 
 import pytest
 
@@ -141,10 +142,13 @@ def tunnel_lab(lab_factory):
 
 
 @pytest.mark.root
-def test_suite_passes_in_tunnel_mode(tunnel_lab):
-    rc, out, data = run_test(tunnel_lab)
+def test_suite_passes_in_tunnel_mode(tunnel_lab, tmp_path):
+    junit = tmp_path / "junit.xml"
+    rc, out, data = run_test(tunnel_lab, "--junit-file", str(junit))
     assert_all_passed(rc, out, data)
     assert "[=] Test [no-policies] [1/16]" in out
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == ("16", "0", "0")
     assert_nothing_left(tunnel_lab)
 
 
@@ -166,7 +170,8 @@ spec:
 def test_a_policy_breaking_one_action_fails_the_run_and_names_it(tunnel_lab):
     tunnel_lab.cilia("apply", "--wait", "-f", "-", input=BREAK_ONE)
     try:
-        rc, out, data = run_test(tunnel_lab, "--test", "no-policies")
+        rc, out, data = run_test(tunnel_lab, "--test", "no-policies", "--junit-file",
+                                 f"/tmp/{tunnel_lab.name}-junit.xml")
     finally:
         tunnel_lab.cilia("delete", "--wait", "-f", "-", input=BREAK_ONE)
     assert rc != 0, out
@@ -176,6 +181,11 @@ def test_a_policy_breaking_one_action_fails_the_run_and_names_it(tunnel_lab):
     assert [a["name"] for a in failed] == ["http-to-world-443-1"], failed
     assert f"  ❌ no-policies/pod-to-world/http-to-world-443-1: {NS}/client2-" in out
     assert "198.51.100.100:443" in out
+    junit = f"/tmp/{tunnel_lab.name}-junit.xml"
+    case = ET.parse(junit).getroot().find("testsuite/testcase[@name='no-policies']")
+    os.unlink(junit)
+    assert case.get("status") == "failed"
+    assert "no-policies/pod-to-world/http-to-world-443-1" in case.find("failure").text
     if data["flow_validation"] == "strict":
         # The flows say why: the SYN was dropped by the deny rule on the way out.
         assert any("L3/L4 Drop found" in line for line in failed[0]["log"]), failed[0]["log"]

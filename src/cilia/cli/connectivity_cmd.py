@@ -34,12 +34,14 @@ def connectivity() -> None:
               help="Deploy everything on one node (no echo-other-node, no cross-node scenarios).")
 @click.option("--json-output", metavar="FILE", default=None,
               help="Also write the results as JSON to FILE ('-' for stdout).")
+@click.option("--junit-file", metavar="FILE", default=None,
+              help="Also write the results as JUnit XML to FILE (as cilium-cli does).")
 @click.option("--test-concurrency", "concurrency", type=int, default=10, show_default=True,
               help="Probes run at the same time within a test.")
 @click.option("-v", "--verbose", is_flag=True, help="Print every scenario and action.")
 @click.pass_context
 def test(ctx, tests, test_namespace, connect_timeout, request_timeout, timeout,
-         flow_validation, print_flows, force_deploy, single_node, json_output, concurrency,
+         flow_validation, print_flows, force_deploy, single_node, json_output, junit_file, concurrency,
          verbose) -> None:
     """Deploy test workloads and check pod, service, host, world and policy connectivity."""
     from cilia.connectivity.runner import Params, Runner, SelectionError, select
@@ -63,7 +65,7 @@ def test(ctx, tests, test_namespace, connect_timeout, request_timeout, timeout,
     spec = lab_spec(ctx)
     params = Params(namespace=test_namespace, tests=tests, connect_timeout=connect_timeout,
                     request_timeout=request_timeout, timeout=timeout, verbose=verbose,
-                    flow_validation=flow_validation, json_output=json_output,
+                    flow_validation=flow_validation, json_output=json_output, junit_file=junit_file,
                     force_deploy=force_deploy, single_node=single_node, print_flows=print_flows,
                     concurrency=concurrency)
     sys.exit(Runner(spec, params).run())

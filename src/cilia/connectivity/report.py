@@ -124,3 +124,31 @@ def write_json(path: str, data: dict) -> None:
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
+
+
+def write_junit(path: str, runs: list[TestRun], args: list[str], started: float) -> None:
+    """cilium-cli's --junit-file layout: one testsuite, one testcase per test."""
+    import time
+    import xml.etree.ElementTree as ET
+    ran = [r for r in runs if r.skipped is None]
+    failures = sum(r.failed for r in ran)
+    total_time = f"{sum(r.duration for r in runs):.3f}"
+    suites = ET.Element("testsuites", tests=str(len(runs)), disabled=str(len(runs) - len(ran)),
+                        failures=str(failures), time=total_time)
+    suite = ET.SubElement(suites, "testsuite", name="connectivity test", package="cilia",
+                          tests=str(len(runs)), skipped=str(len(runs) - len(ran)),
+                          failures=str(failures), time=total_time,
+                          timestamp=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started)))
+    props = ET.SubElement(suite, "properties")
+    ET.SubElement(props, "property", name="Args", value="|".join(args))
+    for r in runs:
+        status = "skipped" if r.skipped is not None else ("failed" if r.failed else "passed")
+        case = ET.SubElement(suite, "testcase", name=r.name, classname="connectivity test",
+                             status=status, time=f"{r.duration:.3f}")
+        if r.skipped is not None:
+            ET.SubElement(case, "skipped", message=f"{r.name} skipped")
+        elif r.failed:
+            fail = ET.SubElement(case, "failure", message=f"{r.name} failed", type="failure")
+            fail.text = "\n".join(r.errors + [str(a) for a in r.failed_actions()])
+    ET.indent(suites)
+    ET.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)

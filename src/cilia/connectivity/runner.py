@@ -15,7 +15,7 @@ from cilia.lab.topology import LabSpec
 from . import flows, manifests, probes, suite
 from .deploy import WORLD_OTHER_IP, Deployment, DeployError
 from .model import ANY_ERROR, NONE, Action, ActionSpec, Environment, Peer, TestDef
-from .report import Output, TestRun, summary, to_json, write_json
+from .report import Output, TestRun, summary, to_json, write_json, write_junit
 
 # cilium-cli's defaults.ExpectedDropReasons, as cilia's metrics name them.
 EXPECTED_DROP_REASONS = frozenset({
@@ -70,6 +70,7 @@ class Params:
     flow_validation: str | None = None    # None: strict when the API exists, else say skipped
     flow_wait: float = 3.0
     json_output: str | None = None
+    junit_file: str | None = None
     force_deploy: bool = False
     single_node: bool = False
     print_flows: bool = False
@@ -90,6 +91,7 @@ class Runner:
         self.runs: list[TestRun] = []
         self._port_seq = 0
         self.interrupted = False
+        self.started = time.time()
 
     # --- entry ---------------------------------------------------------------------------------
 
@@ -162,6 +164,8 @@ class Runner:
             rc = 130
         elif self.runs and not summary(self.runs, self.out, self.flow_note):
             rc = 1
+        if self.p.junit_file and self.runs:
+            write_junit(self.p.junit_file, self.runs, list(self.p.tests), self.started)
         if self.p.json_output:
             write_json(self.p.json_output, to_json(self.runs, self.spec.name, self.p.namespace,
                                                    self.flow_note or self.flow_mode,
