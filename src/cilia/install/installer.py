@@ -150,7 +150,8 @@ def install(cfg: InstallConfig, progress=None, timeout: float = READY_TIMEOUT) -
         argv = [sys.executable, "-m", "cilia.install.supervisor", "--state-dir", cfg.state_dir]
         if cfg.netns:
             argv = netns.nsenter_argv(cfg.netns, argv)
-        p = spawn(argv, os.path.join(cfg.log_dir, "supervisor.log"))
+        # cwd /: the daemons must not hold the caller's directory busy.
+        p = spawn(argv, os.path.join(cfg.log_dir, "supervisor.log"), cwd="/")
         from cilia.lab import state as jsonfile
         jsonfile.write_json(cfg.pid_file("supervisor"), ref_of(p).to_json())
         deadline = time.monotonic() + timeout

@@ -53,7 +53,7 @@ class Child:
         return self.cfg.pid_file(self.name)
 
     def start(self) -> None:
-        self.proc = spawn(self.argv, os.path.join(self.cfg.log_dir, f"{self.name}.log"))
+        self.proc = spawn(self.argv, os.path.join(self.cfg.log_dir, f"{self.name}.log"), cwd="/")
         self.started = time.monotonic()
         jsonfile.write_json(self.pid_file, ref_of(self.proc).to_json())
 
