@@ -278,6 +278,12 @@ def test_install_pods_uninstall_leaves_host_as_it_was(host, routing):
         time.sleep(0.2)
     in_ns(f"{host.prefix}-a", "ping", "-c", "1", "-W", "2", pod_addr(b))
     assert len(json.loads(host.cilia("endpoint", "list", "-o", "json").stdout)) == 2
+    pids["operator"].signal(signal.SIGKILL, group=False)
+    deadline = time.monotonic() + 30
+    while not ((new := host.pids().get("operator")) and new.pid != pids["operator"].pid
+               and new.alive()):
+        assert time.monotonic() < deadline, "operator not restarted by the supervisor"
+        time.sleep(0.2)
 
     # DEL through the plugin for one pod; the other is left for uninstall to clean up.
     host.cni("DEL", "b")
