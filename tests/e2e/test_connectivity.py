@@ -167,11 +167,11 @@ spec:
 
 
 @pytest.mark.root
-def test_a_policy_breaking_one_action_fails_the_run_and_names_it(tunnel_lab):
+def test_a_policy_breaking_one_action_fails_the_run_and_names_it(tunnel_lab, tmp_path):
     tunnel_lab.cilia("apply", "--wait", "-f", "-", input=BREAK_ONE)
     try:
         rc, out, data = run_test(tunnel_lab, "--test", "no-policies", "--junit-file",
-                                 f"/tmp/{tunnel_lab.name}-junit.xml")
+                                 str(tmp_path / "junit.xml"))
     finally:
         tunnel_lab.cilia("delete", "--wait", "-f", "-", input=BREAK_ONE)
     assert rc != 0, out
@@ -181,9 +181,7 @@ def test_a_policy_breaking_one_action_fails_the_run_and_names_it(tunnel_lab):
     assert [a["name"] for a in failed] == ["http-to-world-443-1"], failed
     assert f"  ❌ no-policies/pod-to-world/http-to-world-443-1: {NS}/client2-" in out
     assert "198.51.100.100:443" in out
-    junit = f"/tmp/{tunnel_lab.name}-junit.xml"
-    case = ET.parse(junit).getroot().find("testsuite/testcase[@name='no-policies']")
-    os.unlink(junit)
+    case = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite/testcase[@name='no-policies']")
     assert case.get("status") == "failed"
     assert "no-policies/pod-to-world/http-to-world-443-1" in case.find("failure").text
     if data["flow_validation"] == "strict":
