@@ -177,3 +177,50 @@ def test_hubble_status_and_disable(lab):
     assert st["relay"]["num_flows"] > 0
     text = lab.cilia("hubble", "status").out
     assert "Nodes:    1/1 connected" in text
+
+
+def _relay_flows(lab, after: int = 0) -> dict:
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{lab.port}/api/flows?after={after}", timeout=5) as r:
+        return json.load(r)
+
+
+def test_hung_and_restarted_agent_never_stall_observe_or_relay(lab):
+    import signal
+    from cilia.lab import state
+    from cilia.procs import ProcRef
+    backend = lab.pod_ip("backend", "ui")
+
+    def agent() -> ProcRef:
+        return ProcRef.from_json(state.read_json(state.agent_pid_file(lab.name, "node1"), {}))
+
+    # A hung agent (stopped, its socket still accepting): observe gives up after the read
+    # timeout with a warning instead of hanging.
+    a = agent()
+    assert a.signal(signal.SIGSTOP, group=False)
+    try:
+        t = time.monotonic()
+        r = subprocess.run([os.path.join(os.path.dirname(__import__("sys").executable), "cilia"),
+                            "observe", "--last", "5"], env={**lab.env, "CILIA_OBSERVE_TIMEOUT": "2"},
+                           capture_output=True, text=True, timeout=60)
+        assert time.monotonic() - t < 20
+        assert r.returncode == 1 and "warning: node node1: skipped" in r.stderr, r.stderr
+    finally:
+        a.signal(signal.SIGCONT, group=False)
+    # A killed agent: the node runtime restarts it; the relay reports it and reconnects,
+    # resuming after the last flow it had.
+    seq = _relay_flows(lab)["seq"]
+    assert a.signal(signal.SIGKILL, group=False)
+    deadline = time.monotonic() + 60
+    while True:
+        st = json.loads(lab.cilia("hubble", "status", "-o", "json").out)["relay"]["nodes"]["node1"]
+        if st["state"] == "connected" and agent().pid != a.pid and agent().alive():
+            curl(lab, f"http://{backend}:8080/")
+            new = [f for f in _relay_flows(lab, seq)["flows"]
+                   if f["flow"]["destination"].get("pod_name") == "backend"]
+            if new:
+                break
+        assert time.monotonic() < deadline, st
+        time.sleep(1)
+    seqs = [f["seq"] for f in _relay_flows(lab)["flows"]]
+    assert seqs == sorted(set(seqs))
