@@ -16,12 +16,20 @@ Every change of an input (policy, identity, named port) increments `revision`; a
 EndpointPolicy carries the revision it reflects. regenerate() recomputes only endpoints
 the changes can affect: a policy change affects endpoints its old or new subjects select,
 an identity change affects endpoints whose policy uses a selector whose selection changed.
+
+Why a full recompute is cheap (1,000 endpoints x 500 rules with a rule selecting every
+identity: ~1M map entries): an endpoint's entries are built per *signature* (the set of
+rule contributions reaching an identity; mapstate.template), not per identity, then stamped
+out; endpoints selected by exactly the same rules share one computation within a
+regenerate() call; each distinct policy subject is matched once per endpoint. Identity
+patches find the churned identity's keys through the endpoint's key shapes instead of
+scanning its entries.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from cilia.identity import reserved as R
 from cilia.identity.allocator import LocalIdentityAllocator
@@ -29,8 +37,8 @@ from cilia.identity.reserved import Identity, reserved_identities
 
 from .cidr import CIDRIdentities
 from .mapstate import (ALLOW, COOKIE_ALLOW_LOCALHOST, COOKIE_NOT_ENFORCED, DENY,
-                       FIRST_RULE_COOKIE, EntryKey, EntryValue, MapStateBuilder, Entries,
-                       Provenance)
+                       FIRST_RULE_COOKIE, Contribution, EntryKey, EntryValue, Entries,
+                       Folded, Provenance, partition, stamp, template)
 from .models import (DIRECTION_NAMES, DIRECTIONS, EGRESS, ENFORCEMENT_MODES, INGRESS,
                      PROTO_ANY, NormalizedPolicy, Rule, RuleSource, Selects, proto_number)
 from .ports import NamedPorts, Resolver, expand, own_named_ports
@@ -39,6 +47,7 @@ from .selectorcache import SelectorCache
 from .translate import policy_prefixes, translate
 
 NOT_ENFORCED_SOURCE = RuleSource("<not enforced>", "", "allow-all")
+ANY_L4 = ((PROTO_ANY, 0, 0),)
 ALLOW_LOCALHOST_SOURCE = RuleSource("<allow-localhost>", "", "host")
 
 
@@ -77,6 +86,9 @@ class EndpointPolicy:
     egress_named_ports: bool    # resolved through the cluster-wide named-port map
     rules: tuple = ()           # the rules selecting the endpoint (identity patches reuse them)
     allow_localhost: bool = True
+    # (direction, proto, port, plen) of every provenance key: the keys an identity can
+    # have, so an identity patch finds them without scanning every entry.
+    shapes: frozenset = field(default=frozenset(), compare=False, repr=False)
 
     def direction(self, d: int) -> DirectionState:
         return self.ingress if d == INGRESS else self.egress
@@ -87,9 +99,10 @@ class EndpointPolicy:
     def diff(self, old: "EndpointPolicy | None") -> tuple[dict[EntryKey, EntryValue], list[EntryKey]]:
         """(entries to write, keys to delete) to turn `old`'s map state into this one."""
         prev = old.entries if old is not None and old.ep_id == self.ep_id else {}
-        upserts = {k: v for k, v in self.entries.items() if prev.get(k) != v}
-        deletes = sorted(k for k in prev if k not in self.entries)
-        return upserts, deletes
+        if not prev:
+            return dict(self.entries), []
+        # Set operations on the views run in C: a patched endpoint differs in a few entries.
+        return dict(self.entries.items() - prev.items()), sorted(prev.keys() - self.entries.keys())
 
 
 @dataclass(frozen=True)
@@ -134,6 +147,11 @@ class PolicyEngine:
         self._dirty: set[int] = set()
         # ep_id -> identities whose entries alone must be recomputed (identity churn)
         self._patches: dict[int, set[int]] = {}
+        # Policies flattened in order, subjects deduplicated (rebuilt after a policy change).
+        self._flat: tuple | None = None
+        # Live only inside regenerate(): endpoints selected by the same rules share one
+        # map-state computation (inputs cannot change during the call).
+        self._memo: dict | None = None
         for ident in reserved_identities():
             self.cache.add_identity(ident)
 
@@ -156,6 +174,7 @@ class PolicyEngine:
     def _replace(self, new: NormalizedPolicy | None, key=None) -> Update:
         key = new.key if new is not None else key
         old = self._policies.pop(key, None)
+        self._flat = None
         old_selectors = self._selector_refs.pop(key, [])
         self.revision += 1
         update = Update(self.revision)
@@ -164,20 +183,24 @@ class PolicyEngine:
             for r in old.rules:
                 self._cookies.pop(r.cookie, None)
         if new is not None:
-            rules = []
-            for r in new.rules:
-                rules.append(dataclasses.replace(r, cookie=self._next_cookie))
-                self._cookies[self._next_cookie] = r.source
-                self._next_cookie += 1
-            new = dataclasses.replace(new, rules=tuple(rules))
-            self._policies[key] = new
-            update.subjects |= new.subjects
             selectors = [p for r in new.rules for p in r.peers if not is_wildcard(p)]
             # Register the new selectors before releasing the old ones, so a selector both
             # versions use keeps its selection instead of being recomputed.
             for sel in selectors:
                 self.cache.add_selector(sel)
             self._selector_refs[key] = selectors
+            rules = []
+            canonical = self.cache.canonical
+            for r in new.rules:
+                # Equal selectors become the cache's own object: selection lookups then
+                # hit on identity instead of comparing requirement tuples.
+                peers = tuple(p if is_wildcard(p) else canonical(p) for p in r.peers)
+                rules.append(dataclasses.replace(r, cookie=self._next_cookie, peers=peers))
+                self._cookies[self._next_cookie] = r.source
+                self._next_cookie += 1
+            new = dataclasses.replace(new, rules=tuple(rules))
+            self._policies[key] = new
+            update.subjects |= new.subjects
         for sel in old_selectors:
             self.cache.remove_selector(sel)
         churned = self._sync_cidr(update)
@@ -273,18 +296,22 @@ class PolicyEngine:
         never changes).
         """
         out: dict[int, EndpointUpdate] = {}
-        for ep_id in sorted(self._dirty | set(self._patches)):
-            ep = self._endpoints.get(ep_id)
-            if ep is None:
-                continue
-            old = self._realized.get(ep_id)
-            if ep_id in self._dirty or old is None:
-                new = self.compute_endpoint(ep)
-            else:
-                new = self._patch(old, ep, self._patches[ep_id])
-            upserts, deletes = new.diff(old)
-            self._realized[ep_id] = new
-            out[ep_id] = EndpointUpdate(new, upserts, deletes)
+        self._memo = {}
+        try:
+            for ep_id in sorted(self._dirty | set(self._patches)):
+                ep = self._endpoints.get(ep_id)
+                if ep is None:
+                    continue
+                old = self._realized.get(ep_id)
+                if ep_id in self._dirty or old is None:
+                    new = self.compute_endpoint(ep)
+                    upserts, deletes = new.diff(old)
+                else:
+                    new, upserts, deletes = self._patch(old, ep, self._patches[ep_id])
+                self._realized[ep_id] = new
+                out[ep_id] = EndpointUpdate(new, upserts, deletes)
+        finally:
+            self._memo = None
         self._dirty.clear()
         self._patches.clear()
         # Untouched endpoints are provably unaffected, so they now reflect this revision too.
@@ -323,87 +350,224 @@ class PolicyEngine:
         allow_localhost = self.allow_localhost if allow_localhost is None else allow_localhost
         labels = tuple(sorted(endpoint_labels))
         idx = LabelIndex(labels)
-        memo: dict[LabelSelector, bool] = {}
-
-        def selected(s: LabelSelector) -> bool:
-            hit = memo.get(s)
-            if hit is None:
-                hit = memo[s] = s.matches_labels(idx)
-            return hit
-
+        subjects, select_items, rule_items, named_items = self._flat_policies()
+        hit = [s.matches_labels(idx) for s in subjects]
         selects: dict[int, list[Selects]] = {INGRESS: [], EGRESS: []}
-        rules: list[Rule] = []
-        for pol in self._policies.values():
-            for s in pol.selects:
-                if selected(s.subject):
-                    selects[s.direction].append(s)
-            for r in pol.rules:
-                if selected(r.subject):
-                    rules.append(r)
+        for si, s in select_items:
+            if hit[si]:
+                selects[s.direction].append(s)
+        rules = [r for si, r in rule_items if hit[si]]
+        memo = self._memo
+        if memo is None:
+            states = {d: self._direction_state(d, mode, selects[d]) for d in DIRECTIONS}
+        else:
+            states = {}
+            for d in DIRECTIONS:
+                key = (d, mode, tuple([id(s) for s in selects[d]]))
+                st = memo.get(key)
+                if st is None:
+                    st = memo[key] = self._direction_state(d, mode, selects[d])
+                states[d] = st
+        enforced = (states[INGRESS].enforced, states[EGRESS].enforced)
 
-        states = {d: self._direction_state(d, mode, selects[d]) for d in DIRECTIONS}
-        builder = MapStateBuilder()
-        used: set = set()
-        egress_named = False
-        if mode != "never":
-            used, egress_named = self._rule_entries(builder, rules, named_ports, None)
-        for d in DIRECTIONS:
-            if not states[d].enforced:
-                builder.add(EntryKey(d, 0, PROTO_ANY, 0, 0), ALLOW, COOKIE_NOT_ENFORCED)
-        if states[INGRESS].enforced and allow_localhost:
-            builder.add(EntryKey(INGRESS, R.HOST, PROTO_ANY, 0, 0), ALLOW, COOKIE_ALLOW_LOCALHOST)
-        entries, provenance = builder.finalize(prune=self.prune)
+        memo_key = None
+        if memo is not None:
+            # Ingress named ports resolve on the endpoint's own ports: part of the key only
+            # when a selected rule uses one.
+            own = None
+            if any(hit[si] for si in named_items):
+                own = frozenset((k, tuple(v)) for k, v in (named_ports or {}).items())
+            memo_key = (tuple([r.cookie for r in rules]), mode == "never", enforced, allow_localhost, own)
+            state = memo.get(memo_key)
+            if state is not None:
+                entries, provenance, used, egress_named, shapes = state
+                return EndpointPolicy(ep_id, endpoint_identity, labels, self.revision, mode, audit,
+                                      states[INGRESS], states[EGRESS], dict(entries), dict(provenance),
+                                      used, egress_named, tuple(rules), allow_localhost, shapes)
+
+        contribs, reach, used, egress_named = self._contributions(
+            rules, named_ports, None, mode == "never", enforced, allow_localhost)
+        entries: Entries = {}
+        provenance: Provenance = {}
+        shapes = frozenset(self._realize(contribs, reach, entries, provenance))
+        used = frozenset(used)
+        if memo_key is not None:
+            memo[memo_key] = (entries, provenance, used, egress_named, shapes)
+            entries, provenance = dict(entries), dict(provenance)
         return EndpointPolicy(ep_id, endpoint_identity, labels, self.revision, mode, audit,
                               states[INGRESS], states[EGRESS], entries, provenance,
-                              frozenset(used), egress_named, tuple(rules), allow_localhost)
+                              used, egress_named, tuple(rules), allow_localhost, shapes)
 
-    def _rule_entries(self, builder: MapStateBuilder, rules, named_ports: NamedPorts | None,
-                      only: set[int] | None) -> tuple[set, bool]:
-        """Add the entries of `rules`; with `only`, just those for these identities."""
-        own = own_named_ports(named_ports)
-        egress = self._egress_resolver()
+    def _flat_policies(self) -> tuple:
+        """(distinct subjects, [(subject index, Selects)], [(subject index, Rule)], subject
+        indexes of rules using an ingress named port), in policy order: an endpoint
+        evaluates each subject once."""
+        if self._flat is None:
+            subjects: dict = {}
+            select_items, rule_items, named_items = [], [], set()
+            for pol in self._policies.values():
+                for s in pol.selects:
+                    select_items.append((subjects.setdefault(s.subject, len(subjects)), s))
+                for r in pol.rules:
+                    si = subjects.setdefault(r.subject, len(subjects))
+                    rule_items.append((si, r))
+                    if _ingress_named(r):
+                        named_items.add(si)
+            self._flat = (tuple(subjects), tuple(select_items), tuple(rule_items), tuple(named_items))
+        return self._flat
+
+    def _contributions(self, rules, named_ports: NamedPorts | None, only: set[int] | None,
+                       never: bool, enforced: tuple[bool, bool], allow_localhost: bool):
+        """-> (contributions, [(contribution index, identities)], selectors used, egress named).
+
+        Identity 0 stands for wildcard peers and the not-enforced entries. With `only`, just
+        the identities in it (identity churn patches). The identity collections may be the
+        selector cache's own sets: read them, never change them."""
+        contribs: list[Contribution] = []
+        reach: list[tuple[int, Iterable[int]]] = []
         used: set = set()
         egress_named = False
-        for r in rules:
-            if any(is_wildcard(p) for p in r.peers):
-                if only is not None:
-                    continue
-                ids: set[int] | list[int] = [0]
-            else:
-                ids = set()
-                for p in r.peers:
-                    used.add(p)
-                    ids |= self.cache.selections(p)
-                if only is not None:
-                    ids &= only
+        if not never:
+            own = egress = None
+            selections = self.cache.selections
+            for r in rules:
+                peers = r.peers
+                if _wildcard_rule(r):
+                    if only is not None:
+                        continue
+                    ids: Iterable[int] = (0,)
+                elif only is not None:
+                    if len(peers) == 1:
+                        sel = selections(peers[0])
+                        ids = [i for i in only if i in sel]
+                    else:
+                        ids = [i for i in only if any(i in selections(p) for p in peers)]
                     if not ids:
                         continue
-            if r.ports:
-                l4 = []
-                for spec in r.ports:
-                    if spec.name and r.direction == EGRESS:
-                        egress_named = True
-                    l4 += expand(spec, own if r.direction == INGRESS else egress)
-            else:
-                l4 = [(PROTO_ANY, 0, 0)]
-            flag = DENY if r.deny else ALLOW
-            for ident in ids:
-                for proto, port, plen in l4:
-                    builder.add(EntryKey(r.direction, ident, proto, port, plen), flag, r.cookie)
-        return used, egress_named
+                else:
+                    used.update(peers)
+                    if len(peers) == 1:
+                        ids = selections(peers[0])
+                    else:
+                        ids = set().union(*(selections(p) for p in peers))
+                if r.ports:
+                    l4 = []
+                    for spec in r.ports:
+                        if r.direction == INGRESS:
+                            own = own or own_named_ports(named_ports)
+                            l4 += expand(spec, own)
+                        else:
+                            if spec.name:
+                                egress_named = True
+                            egress = egress or self._egress_resolver()
+                            l4 += expand(spec, egress)
+                    if not l4:
+                        continue
+                    l4 = tuple(l4)
+                else:
+                    l4 = ANY_L4
+                if ids:
+                    reach.append((len(contribs), ids))
+                    contribs.append((r.direction, DENY if r.deny else ALLOW, r.cookie, l4))
+        if only is None:
+            for d in DIRECTIONS:
+                if not enforced[d]:
+                    reach.append((len(contribs), (0,)))
+                    contribs.append((d, ALLOW, COOKIE_NOT_ENFORCED, ANY_L4))
+        if enforced[INGRESS] and allow_localhost and (only is None or R.HOST in only):
+            reach.append((len(contribs), (R.HOST,)))
+            contribs.append((INGRESS, ALLOW, COOKIE_ALLOW_LOCALHOST, ANY_L4))
+        return contribs, reach, used, egress_named
 
-    def _patch(self, old: EndpointPolicy, ep: Endpoint, idents: set[int]) -> EndpointPolicy:
-        keep = {k: v for k, v in old.entries.items() if k.identity not in idents}
-        builder = MapStateBuilder()
-        if old.enforcement != "never":
-            self._rule_entries(builder, old.rules, ep.named_ports, idents)
-        if R.HOST in idents and old.ingress.enforced and old.allow_localhost:
-            builder.add(EntryKey(INGRESS, R.HOST, PROTO_ANY, 0, 0), ALLOW, COOKIE_ALLOW_LOCALHOST)
-        entries, provenance = builder.finalize(prune=self.prune, context=keep)
-        prov = {k: v for k, v in old.provenance.items() if k.identity not in idents}
-        prov.update(provenance)
-        keep.update(entries)
-        return dataclasses.replace(old, revision=self.revision, entries=keep, provenance=prov)
+    def _realize(self, contribs, reach, entries: Entries, provenance: Provenance,
+                 wild: Folded | None = None) -> set:
+        """Stamp the entries of every identity `reach` names into entries/provenance;
+        returns their (direction, proto, port, plen) shapes. `wild`: identity 0's folded
+        state when identity 0 is not among them (patches)."""
+        groups = partition(reach)
+        shapes: set = set()
+        for n, (sig, ids) in enumerate(groups):
+            if 0 in ids:
+                ids.discard(0)
+                if not ids:
+                    del groups[n]
+                tmpl, wild = template(contribs, sig, None, self.prune)
+                stamp(tmpl, (0,), entries, provenance)
+                shapes.update(t[:4] for t in tmpl)
+                break
+        if wild is None:
+            wild = template(contribs, (), None, self.prune)[1]
+        for sig, ids in groups:
+            tmpl, _ = template(contribs, sig, wild, self.prune)
+            stamp(tmpl, ids, entries, provenance)
+            shapes.update(t[:4] for t in tmpl)
+        return shapes
+
+    def _wild_state(self, old: EndpointPolicy, ep: Endpoint) -> Folded:
+        """Identity 0's folded state of `old` (what pruning other identities depends on)."""
+        selections = self.cache.selections
+        reach_zero = [r for r in old.rules
+                      if _wildcard_rule(r) or any(0 in selections(p) for p in r.peers)]
+        contribs, reach, _, _ = self._contributions(
+            reach_zero, ep.named_ports, None, old.enforcement == "never",
+            (old.ingress.enforced, old.egress.enforced), False)
+        return template(contribs, [ci for ci, ids in reach if 0 in ids], None, self.prune)[1]
+
+    def _patch(self, old: EndpointPolicy, ep: Endpoint,
+               idents: set[int]) -> tuple[EndpointPolicy, dict[EntryKey, EntryValue], list[EntryKey]]:
+        """-> (policy, upserts, deletes): old's entries with those of `idents` recomputed;
+        the diff is old.diff's, found without comparing every entry."""
+        keep, prov = dict(old.entries), dict(old.provenance)  # copies run in C
+        removed: dict[EntryKey, EntryValue] = {}
+        if old.shapes or not old.provenance:
+            # Only the keys the churned identities can have are looked at.
+            for ident in idents:
+                for d, proto, port, plen in old.shapes:
+                    k = (d, ident, proto, port, plen)
+                    v = keep.pop(k, None)
+                    if v is not None:
+                        removed[k] = v
+                    prov.pop(k, None)
+            shapes = set(old.shapes)
+        else:
+            for k in [k for k in prov if k[1] in idents]:
+                del prov[k]
+                v = keep.pop(k, None)
+                if v is not None:
+                    removed[k] = v
+            shapes = {(k[0], k[2], k[3], k[4]) for k in old.provenance}
+        enforced = (old.ingress.enforced, old.egress.enforced)
+        memo, memo_key, state = self._memo, None, None
+        if memo is not None:
+            # Endpoints selected by the same rules get the same entries for these identities.
+            own = None
+            if any(_ingress_named(r) for r in old.rules):
+                own = frozenset((k, tuple(v)) for k, v in (ep.named_ports or {}).items())
+            memo_key = ("patch", tuple([r.cookie for r in old.rules]), frozenset(idents),
+                        old.enforcement == "never", enforced, old.allow_localhost, own)
+            state = memo.get(memo_key)
+        if state is None:
+            contribs, reach, _, _ = self._contributions(
+                old.rules, ep.named_ports, idents, old.enforcement == "never", enforced,
+                old.allow_localhost)
+            added: Entries = {}
+            added_prov: Provenance = {}
+            added_shapes: set = set()
+            if reach:
+                wild = None if 0 in idents else self._wild_state(old, ep)
+                added_shapes = self._realize(contribs, reach, added, added_prov, wild)
+            state = (added, added_prov, added_shapes)
+            if memo_key is not None:
+                memo[memo_key] = state
+        added, added_prov, added_shapes = state
+        keep.update(added)
+        prov.update(added_prov)
+        shapes |= added_shapes
+        new = dataclasses.replace(old, revision=self.revision, entries=keep, provenance=prov,
+                                  shapes=frozenset(shapes))
+        upserts = {k: v for k, v in added.items() if removed.get(k) != v}
+        deletes = sorted(k for k in removed if k not in added)
+        return new, upserts, deletes
 
     @staticmethod
     def _direction_state(d: int, mode: str, selects: list[Selects]) -> DirectionState:
@@ -432,6 +596,25 @@ class PolicyEngine:
     def explain(self, src, dst, port: int, proto: str | int = "TCP"):
         from .explain import explain
         return explain(self, src, dst, port, proto)
+
+
+def _wildcard_rule(r: Rule) -> bool:
+    """A rule with a wildcard peer has one identity-0 entry (memoized on the frozen rule:
+    identity patches ask for every rule of every endpoint)."""
+    w = r.__dict__.get("_wildcard")
+    if w is None:
+        w = any(is_wildcard(p) for p in r.peers)
+        object.__setattr__(r, "_wildcard", w)
+    return w
+
+
+def _ingress_named(r: Rule) -> bool:
+    """An ingress rule naming a port: resolved on each selected endpoint's own ports."""
+    w = r.__dict__.get("_ingress_named")
+    if w is None:
+        w = r.direction == INGRESS and any(p.name for p in r.ports)
+        object.__setattr__(r, "_ingress_named", w)
+    return w
 
 
 def _policy_names(sources) -> str:

@@ -235,3 +235,135 @@ class _BucketIndex:
             if (ci, cp) != (ident, proto) and self.covering(d, ci, cp, port, plen, flag):
                 return True
         return False
+
+
+# ---- per-identity templates ----
+#
+# Folding happens within one (direction, identity, proto) bucket and pruning of an
+# identity's entry looks only at that identity's own proto-ANY bucket and at identity 0's
+# buckets. So an identity's entries are a function of which rule contributions reach it
+# (its signature) and of identity 0's folded state: computed once per distinct signature
+# and stamped out for every identity sharing it. A cluster-wide rule reaching a thousand
+# identities then folds once instead of a thousand times.
+
+# (direction, flag, cookie, ((proto, port, plen), ...)): one rule's entries for any identity.
+Contribution = tuple[int, int, int, tuple[tuple[int, int, int], ...]]
+# (direction, proto) -> ({(port, plen): flags}, sorted port prefix lengths)
+Folded = dict[tuple[int, int], tuple[dict[tuple[int, int], int], tuple[int, ...]]]
+# (direction, proto, port, plen, value or None when pruned, provenance)
+TemplateEntry = tuple[int, int, int, int, "EntryValue | None", tuple[tuple[int, ...], tuple[int, ...]]]
+
+_tuple_new = tuple.__new__
+
+
+def fold(contribs: list[Contribution], signature: Iterable[int]) -> tuple[dict, Folded, dict]:
+    """-> ({(d, proto, port, plen): EntryValue}, folded buckets, {same key: provenance})."""
+    raw: dict[tuple[int, int, int, int], tuple[set[int], set[int]]] = {}
+    for ci in signature:
+        d, flag, cookie, l4 = contribs[ci]
+        j = 1 if flag == DENY else 0
+        for proto, port, plen in l4:
+            k = (d, proto, port, plen)
+            e = raw.get(k)
+            if e is None:
+                e = raw[k] = (set(), set())
+            e[j].add(cookie)
+    buckets: dict[tuple[int, int], dict[tuple[int, int], tuple[set[int], set[int]]]] = {}
+    for (d, proto, port, plen), e in raw.items():
+        buckets.setdefault((d, proto), {})[(port, plen)] = e
+    values: dict[tuple[int, int, int, int], EntryValue] = {}
+    folded: Folded = {}
+    for (d, proto), bucket in buckets.items():
+        flags_of: dict[tuple[int, int], int] = {}
+        plens = tuple(sorted({plen for _, plen in bucket}))
+        for (port, plen), (allow, deny) in bucket.items():
+            allow_all, deny_all = allow, deny
+            for lp in plens:
+                if lp >= plen:
+                    break
+                anc = bucket.get((port_mask(port, lp), lp))
+                if anc is not None:
+                    allow_all = allow_all | anc[0]
+                    deny_all = deny_all | anc[1]
+            flags = (ALLOW if allow_all else 0) | (DENY if deny_all else 0)
+            flags_of[(port, plen)] = flags
+            values[(d, proto, port, plen)] = EntryValue(flags, min(deny_all) if deny_all else min(allow_all))
+        folded[(d, proto)] = (flags_of, plens)
+    provenance = {k: (tuple(sorted(a)), tuple(sorted(dn))) for k, (a, dn) in raw.items()}
+    return values, folded, provenance
+
+
+def _covers(bucket, port: int, plen: int, flag: int) -> bool:
+    if bucket is None:
+        return False
+    flags_of, plens = bucket
+    for lp in plens:
+        if lp > plen:
+            break
+        f = flags_of.get((port_mask(port, lp), lp))
+        if f is not None and f & flag:
+            return True
+    return False
+
+
+def template(contribs: list[Contribution], signature: Iterable[int], wild: Folded | None,
+             prune: bool = True) -> tuple[list[TemplateEntry], Folded]:
+    """The entries of one identity reached by `signature`, as a template. `wild` is identity
+    0's folded state; None means this template is identity 0 itself. Pruning is exactly
+    _BucketIndex.redundant's."""
+    values, folded, provenance = fold(contribs, signature)
+    zero = wild is None
+    if zero:
+        wild = folded
+    out: list[TemplateEntry] = []
+    for k, v in values.items():
+        d, proto, port, plen = k
+        if prune and not (zero and proto == PROTO_ANY):
+            flag = DENY if v[0] & DENY else ALLOW
+            if ((proto != PROTO_ANY and _covers(folded.get((d, PROTO_ANY)), port, plen, flag))
+                    or (not zero and _covers(wild.get((d, proto)), port, plen, flag))
+                    or _covers(wild.get((d, PROTO_ANY)), port, plen, flag)):
+                v = None
+        out.append((d, proto, port, plen, v, provenance[k]))
+    return out, folded
+
+
+def stamp(tmpl: list[TemplateEntry], idents, entries: Entries, provenance: Provenance) -> None:
+    """Instantiate a template for every identity in `idents`."""
+    new = _tuple_new
+    for d, proto, port, plen, v, prov in tmpl:
+        keys = [new(EntryKey, (d, i, proto, port, plen)) for i in idents]
+        provenance.update(dict.fromkeys(keys, prov))
+        if v is not None:
+            entries.update(dict.fromkeys(keys, v))
+
+
+def partition(reach: Iterable[tuple[int, Iterable[int]]]) -> list[tuple[tuple[int, ...], set[int]]]:
+    """[(contribution index, identities)] -> [(signature, identities reached by exactly
+    the contributions of that signature)]. Refines disjoint groups with set operations, so
+    the cost grows with rules x groups rather than with rules x identities."""
+    groups: list[tuple[tuple[int, ...], set[int]]] = []
+    for ci, ids in reach:
+        rest = set(ids)
+        out: list[tuple[tuple[int, ...], set[int]]] = []
+        it = iter(groups)
+        for sig, g in it:
+            inter = g & rest
+            if inter:
+                rest -= inter
+                if len(inter) == len(g):
+                    out.append((sig + (ci,), g))
+                else:
+                    g -= inter
+                    out.append((sig, g))
+                    out.append((sig + (ci,), inter))
+                if not rest:
+                    # Groups are disjoint: none of the remaining ones can meet `ids`.
+                    out.extend(it)
+                    break
+            else:
+                out.append((sig, g))
+        if rest:
+            out.append(((ci,), rest))
+        groups = out
+    return groups

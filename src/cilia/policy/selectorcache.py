@@ -19,6 +19,7 @@ class SelectorCache:
         self._identities: dict[int, tuple[Identity, LabelIndex]] = {}
         self._selections: dict[Selector, set[int]] = {}
         self._refs: dict[Selector, int] = {}
+        self._canonical: dict[Selector, Selector] = {}
         # (source, key, value) -> label selectors that need that label; "any" sources are
         # looked up under "any". Selectors without an equality requirement are unindexed.
         self._index: dict[tuple[str, str, str], set[Selector]] = {}
@@ -31,6 +32,7 @@ class SelectorCache:
         self._refs[sel] = n + 1
         if n:
             return
+        self._canonical[sel] = sel
         self._selections[sel] = {i for i, (ident, idx) in self._identities.items() if sel.matches(ident, idx)}
         keys = sel.index_keys() if isinstance(sel, LabelSelector) else []
         if keys:
@@ -48,6 +50,7 @@ class SelectorCache:
             return
         del self._refs[sel]
         del self._selections[sel]
+        del self._canonical[sel]
         keys = sel.index_keys() if isinstance(sel, LabelSelector) else []
         for k in keys:
             bucket = self._index.get(k)
@@ -56,6 +59,10 @@ class SelectorCache:
                 if not bucket:
                     del self._index[k]
         self._unindexed.discard(sel)
+
+    def canonical(self, sel: Selector) -> Selector:
+        """The registered selector equal to `sel` (the first one added)."""
+        return self._canonical[sel]
 
     def selections(self, sel: Selector) -> set[int]:
         """Identities the selector matches now (the selector must be registered)."""

@@ -52,14 +52,23 @@ class Requirement:
     values: tuple[str, ...] = ()
 
     def matches(self, idx: LabelIndex) -> bool:
-        present = idx.values(self.source, self.key)
-        if self.op == IN:
-            return any(v in self.values for v in present)
-        if self.op == NOT_IN:
-            return not any(v in self.values for v in present)
-        if self.op == EXISTS:
-            return bool(present)
-        return not present
+        # Hot: every endpoint computation evaluates every distinct policy subject.
+        pairs = idx.by_key.get(self.key)
+        op = self.op
+        if op == IN or op == NOT_IN:
+            hit = False
+            if pairs:
+                src, values = self.source, self.values
+                for s, v in pairs:
+                    if v in values and (src == SOURCE_ANY or s == src):
+                        hit = True
+                        break
+            return hit if op == IN else not hit
+        present = False
+        if pairs:
+            src = self.source
+            present = src == SOURCE_ANY or any(s == src for s, _ in pairs)
+        return present if op == EXISTS else not present
 
     def __str__(self) -> str:
         k = f"{self.source}:{self.key}"
@@ -119,11 +128,17 @@ class LabelSelector:
         return any(r.source == source for r in self.requirements)
 
     def matches_labels(self, labels: "LabelIndex | Iterable[str]") -> bool:
-        idx = as_index(labels)
-        return all(r.matches(idx) for r in self.requirements)
+        idx = labels if type(labels) is LabelIndex else as_index(labels)
+        for r in self.requirements:
+            if not r.matches(idx):
+                return False
+        return True
 
     def matches(self, ident: Identity, idx: LabelIndex) -> bool:
-        return all(r.matches(idx) for r in self.requirements)
+        for r in self.requirements:
+            if not r.matches(idx):
+                return False
+        return True
 
     def index_keys(self) -> list[tuple[str, str, str]]:
         """(source, key, value) one of which an identity must carry to match, if any."""
