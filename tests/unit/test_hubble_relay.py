@@ -234,3 +234,26 @@ def test_relay_enable_status_api_and_lab_down_stops_it(fake_lab):
     while ref.alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not ref.alive()
+
+
+def test_relay_namespace_picker_keeps_the_pod_filter():
+    from cilia.hubble.relay import Relay, build_app
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async def main():
+        relay = Relay("nolab")
+        for i, r in enumerate([rec("n1", 0, src_pod="a", dst_pod="b"),
+                               rec("n1", 1, src_pod="c", dst_pod="b"),
+                               rec("n1", 2, src_pod="a", src_ns="other", dst_pod="z", dst_ns="other")]):
+            r["_seq"] = i + 1
+            relay.ring.append(r)
+        relay.seq = 3
+        async with TestClient(TestServer(build_app(relay, ui=False))) as c:
+            flt = json.dumps({"allow": [{"source_pod": ["default/a"]}, {"destination_pod": ["default/a"]}]})
+            got = await (await c.get("/api/flows", params={"namespace": "default", "filter": flt})).json()
+            assert [f["seq"] for f in got["flows"]] == [1]
+            got = await (await c.get("/api/flows", params={"namespace": "other"})).json()
+            assert [f["seq"] for f in got["flows"]] == [3]
+            bad = await c.get("/api/flows", params={"filter": '{"allow": [{"nope": 1}]}'})
+            assert bad.status == 400 and "nope" in (await bad.json())["msg"]
+    asyncio.run(main())

@@ -258,6 +258,12 @@ def service_map(records, namespace: str | None = None) -> dict:
             "edges": sorted(edges.values(), key=lambda e: (e["source"], e["target"]))}
 
 
+def _namespaces_of(rec: dict) -> tuple[str, str]:
+    f = rec.get("flow") or rec
+    return ((f.get("source") or {}).get("namespace") or "",
+            (f.get("destination") or {}).get("namespace") or "")
+
+
 def namespaces(records) -> list[str]:
     out = set()
     for rec in records:
@@ -371,12 +377,10 @@ def build_app(relay: Relay, ui: bool = True):
     def _selected(req) -> list[dict]:
         allow, deny = _filters(req)
         ns = req.query.get("namespace")
-        if ns:
-            allow = [dict(f, source_pod=[f"{ns}/"]) for f in allow] + \
-                [dict(f, destination_pod=[f"{ns}/"]) for f in allow] if allow else \
-                [{"source_pod": [f"{ns}/"]}, {"destination_pod": [f"{ns}/"]}]
         after = int(req.query.get("after", "0") or 0)
-        return [r for r in relay.records(after) if filters.match(r, allow, deny)]
+        # the namespace picker: flows with either end in the namespace, on top of the filters
+        return [r for r in relay.records(after) if filters.match(r, allow, deny)
+                and (not ns or ns in _namespaces_of(r))]
 
     @routes.get("/api/status")
     async def status(_req):

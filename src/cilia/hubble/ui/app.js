@@ -7,7 +7,9 @@ let rows = [];
 
 function flowFilter() {
   const f = {};
-  const pod = $("f-pod").value.trim();
+  let pod = $("f-pod").value.trim();
+  // like `cilia observe -n NS --pod x`: a bare pod name is in the picked namespace
+  if (pod && !pod.includes("/") && $("namespace").value) pod = $("namespace").value + "/" + pod;
   if (pod) f.pod = pod;
   const v = $("f-verdict").value; if (v) f.verdict = [v];
   const p = $("f-protocol").value; if (p) f.protocol = [p];
