@@ -2,8 +2,9 @@
 
 Flows come from every agent's `GET /v1/flows` (NDJSON, Hubble's JSON field names) and are
 matched per action on addresses and the client's port range, as cilium-cli matches Hubble
-flows per pod: a TCP success needs SYN, SYN-ACK and no drop; a drop needs the SYN, a
-DROPPED flow with the expected reason and direction, and no SYN-ACK.
+flows per pod: a TCP success needs SYN, FIN and no drop (SYN-ACK and ICMP replies are
+reported but not required: the agent aggregates traces as Cilium does); a drop needs the
+SYN, a DROPPED flow with the expected reason and direction, and no SYN-ACK.
 """
 from __future__ import annotations
 
@@ -188,8 +189,8 @@ class Tuple:
         return port is not None and self.client_ports[0] <= int(port) <= self.client_ports[1]
 
 
-# Every probe's local port comes from here (runner.LOCAL_PORT_*), so a port outside it on a
-# flow from a node address is a translated one.
+# Every probe's local port comes from here (the runner hands out ranges of it), so a port
+# outside it on a flow from a node address is a translated one.
 PROBE_PORTS = (20000, 28999)
 
 

@@ -26,7 +26,9 @@ EXPECTED_DROP_REASONS = frozenset({
     "No mapping for NAT masquerade",
 })
 FIRST_DROP_REASON = 130    # Cilium: reasons below are forwards/traces
-LOCAL_PORT_BASE, LOCAL_PORT_SPAN, LOCAL_PORTS_PER_ACTION = 20000, 9000, 8
+LOCAL_PORTS_PER_ACTION = 8
+LOCAL_PORT_BASE = flows.PROBE_PORTS[0]
+LOCAL_PORT_SPAN = flows.PROBE_PORTS[1] + 1 - LOCAL_PORT_BASE
 
 
 async def _uninterruptible(coro):
