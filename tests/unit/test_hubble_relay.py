@@ -109,9 +109,14 @@ def fake_lab(monkeypatch):
     async def stop():
         for r in runners:
             await r.cleanup()
+        rest = [x for x in asyncio.all_tasks() if x is not asyncio.current_task()]
+        for x in rest:
+            x.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
     asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
     t.join(5)
+    loop.close()
     subprocess.run([CILIA, "lab", "down", "--name", name], env=env, capture_output=True, timeout=60)
     import shutil
     shutil.rmtree(root, ignore_errors=True)
