@@ -262,3 +262,14 @@ def test_relay_namespace_picker_keeps_the_pod_filter():
             bad = await c.get("/api/flows", params={"filter": '{"allow": [{"nope": 1}]}'})
             assert bad.status == 400 and "nope" in (await bad.json())["msg"]
     asyncio.run(main())
+
+
+def test_observe_into_a_closed_pipe_exits_quietly(fake_lab):
+    name, _, agents, env = fake_lab
+    n1 = next(iter(agents))
+    agents[n1].records.extend(rec(n1, 10 + i / 1000) for i in range(3000))
+    r = subprocess.run(["bash", "-c", f"{CILIA} observe --all -o json | head -n 1; exit ${{PIPESTATUS[0]}}"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert len(r.stdout.splitlines()) == 1
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr

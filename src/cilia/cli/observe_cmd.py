@@ -3,6 +3,7 @@ does) or one node with --node."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import sys
 import time
@@ -155,16 +156,21 @@ def observe(ctx: click.Context, negate: bool, last: int | None, first: int | Non
         warnings.append(msg)
         click.echo(f"warning: {msg}", err=True)
 
-    if follow:
-        try:
-            asyncio.run(follow_flows(spec.name, nodes, q, warn, printer.write))
-        except KeyboardInterrupt:
-            pass
-        printer.flush()
-    else:
-        recs = asyncio.run(collect(spec.name, nodes, q, warn))
-        for r in recs:
-            printer.write(r)
-        printer.flush()
+    try:
+        if follow:
+            try:
+                asyncio.run(follow_flows(spec.name, nodes, q, warn, printer.write))
+            except KeyboardInterrupt:
+                pass
+            printer.flush()
+        else:
+            recs = asyncio.run(collect(spec.name, nodes, q, warn))
+            for r in recs:
+                printer.write(r)
+            printer.flush()
+    except BrokenPipeError:
+        # `cilia observe ... | head`: the reader is gone, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
     if len(warnings) >= len(nodes) and nodes:
         raise CLIError(f"no node answered ({'; '.join(warnings)})")
