@@ -88,6 +88,7 @@ def cluster_status(ctx) -> dict:
     ready = sum(1 for s in statuses.values() if isinstance(s, dict))
     return {
         "lab": spec.name,
+        "installed": type(spec).__name__ == "InstalledSpec",
         "routing": spec.routing,
         "store": {"backend": "sqlite" if spec.store == "local" else "etcd", "ok": store_ok,
                   "revision": store_rev, "error": store_err},
@@ -144,7 +145,8 @@ def render_cluster_status(st: dict) -> str:
                  f"Ready: {c['ready']}/{c['desired']}, Available: {c['available']}/{c['desired']}")
     lines.append(f"{'Containers:':<23}{'cilia-agent':<19}Running: {c['ready']}")
     lines.append(f"{'Cluster Pods:':<23}{st['pods']['managed']}/{st['pods']['total']} managed by Cilia")
-    lines.append(f"{'Lab:':<23}{st['lab']} ({len(st['nodes'])} nodes, {st['routing']} routing, "
+    where = "Host:" if st.get("installed") else "Lab:"
+    lines.append(f"{where:<23}{st['lab']} ({len(st['nodes'])} nodes, {st['routing']} routing, "
                  f"{store['backend']} store)")
     if st["errors"] or st["warnings"]:
         lines.append(f"{'Errors:':<23}" + (st["errors"][0] if st["errors"] else "none"))
