@@ -51,6 +51,7 @@ class Deployment:
     log: Callable[[str], None]
     tracker: probes.ProcessTracker
     world_proc: subprocess.Popen | None = None
+    world_ports: list[int] = field(default_factory=list)   # served by our world_proc
     added_world_ip: bool = False
     namespace_created: bool = False
     applied_policies: list[tuple] = field(default_factory=list)   # (kind, ns, name)
@@ -176,16 +177,19 @@ class Deployment:
                 "ip", "addr", "add", f"{WORLD_OTHER_IP}/32", "dev", "eth0"]),
                 check=True, capture_output=True, timeout=10)
             self.added_world_ip = True
-        if all(self._world_listening(p) for p in WORLD_PORTS):
+        missing = [p for p in WORLD_PORTS if not self._world_listening(p)]
+        if len(missing) < len(WORLD_PORTS):
             self.log(f"ℹ️  [{self.spec.name}] world host {WORLD_HOST} already serves "
-                     f"{', '.join(map(str, WORLD_PORTS))}; using it")
+                     f"{', '.join(str(p) for p in WORLD_PORTS if p not in missing)}; using it")
+        if not missing:
             return
         self.log(f"✨ [{self.spec.name}] Starting an echo server on the world host "
-                 f"({WORLD_HOST}, {WORLD_OTHER_IP}: {', '.join(map(str, WORLD_PORTS))})...")
+                 f"({WORLD_HOST}, {WORLD_OTHER_IP}: {', '.join(map(str, missing))})...")
         argv = netns.nsenter_argv(self.spec.world_netns, [
             sys.executable, "-m", "cilia.lab.workloads", "echo",
-            "--ports", ",".join(f"{p}/TCP" for p in WORLD_PORTS),
+            "--ports", ",".join(f"{p}/TCP" for p in missing),
             "--name", "world", "--namespace", "world", "--node", "world"])
+        self.world_ports = missing
         self.world_proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                            start_new_session=True)

@@ -349,7 +349,7 @@ class Runner:
             return {dst.name.rsplit("/", 1)[-1]}
         if dst.kind in ("service", "nodeport"):
             return set(dst.backends)
-        if dst.kind == "external" and self.deployment.world_proc is not None:
+        if dst.kind == "external" and dst.port in self.deployment.world_ports:
             return {"world"}
         return None
 
