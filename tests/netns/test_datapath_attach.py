@@ -143,7 +143,8 @@ def test_attach_replace_detach_and_remove_pins(names, pin_dir):
         if dp2 is not None:
             dp2.close()
 
-    assert sorted(os.listdir(pin_dir)) == ["cilia_ct4_global", "cilia_ct4_policy", "cilia_ipcache",
+    assert sorted(os.listdir(pin_dir)) == ["cilia_ct4_global", "cilia_ct4_policy", "cilia_events",
+                                           "cilia_events_lost", "cilia_ipcache",
                                            "cilia_lb4_affinity", "cilia_lb4_backends", "cilia_lb4_maglev",
                                            "cilia_lb4_reverse_nat", "cilia_lb4_services", "cilia_lxc",
                                            "cilia_lxc_if", "cilia_metrics", "cilia_policy",
