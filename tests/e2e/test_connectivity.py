@@ -16,7 +16,7 @@ import pytest
 
 from cilia.connectivity import flows
 from cilia.connectivity.model import (DEFAULT_DENY_DROP, NONE, OK, Action, ActionSpec, Peer)
-from cilia.connectivity.runner import SelectionError, select
+from cilia.connectivity.runner import SelectionError, scenario_selected, select
 from tests.e2e.conftest import CILIA, Lab
 
 NS = "cilia-test"
@@ -35,6 +35,17 @@ def test_select_includes_excludes_and_rejects_bad_regex():
     assert select(TEST_NAMES, ("!.",)) == set()
     with pytest.raises(SelectionError):
         select(TEST_NAMES, ("(",))
+
+
+def test_select_targets_scenarios_like_cilium_cli():
+    pats = ("no-policies/pod-to-(pod|service)$",)
+    assert select(TEST_NAMES, pats) == {"no-policies"}
+    assert scenario_selected("no-policies", "pod-to-pod", pats)
+    assert not scenario_selected("no-policies", "pod-to-world", pats)
+    pats = ("!/pod-to-world",)                      # that scenario, in every test
+    assert select(TEST_NAMES, pats) == set(TEST_NAMES)
+    assert not scenario_selected("no-policies", "pod-to-world", pats)
+    assert scenario_selected("client-egress", "pod-to-pod", pats)
 
 
 def test_every_manifest_the_suite_applies_is_valid():

@@ -42,23 +42,56 @@ async def _uninterruptible(coro):
                 return fut.result()
 
 
+def _scenario_names(t: TestDef) -> list[str]:
+    """Scenario names as printed: a repeated scenario gets -1, -2… (cilium-cli does too)."""
+    seen: dict[str, int] = {}
+    out = []
+    for sc in t.scenarios:
+        n = seen.get(sc.name, 0)
+        seen[sc.name] = n + 1
+        out.append(sc.name if n == 0 else f"{sc.name}-{n}")
+    return out
+
+
 class SelectionError(ValueError):
     pass
 
 
+def _compile(p: str, raw: str) -> re.Pattern:
+    try:
+        return re.compile(raw)
+    except re.error as e:
+        raise SelectionError(f"--test {p!r}: invalid regular expression: {e}") from None
+
+
+def _parse(patterns: tuple[str, ...]):
+    """(include?, test regex, scenario regex or None) per --test pattern; 'TEST/SCENARIO'
+    targets scenarios as cilium-cli's --test does ('/pod-to-cidr': that scenario anywhere)."""
+    out = []
+    for p in patterns:
+        include = not p.startswith("!")
+        body = p if include else p[1:]
+        test, slash, scen = body.partition("/")
+        out.append((include, _compile(p, test), _compile(p, scen) if slash else None))
+    return out
+
+
 def select(names: list[str], patterns: tuple[str, ...]) -> set[str]:
     """cilium-cli's --test: run a test that matches any include (or there are none) and no
-    exclude (a pattern with a leading '!')."""
-    inc, exc = [], []
-    for p in patterns:
-        target = exc if p.startswith("!") else inc
-        raw = p[1:] if p.startswith("!") else p
-        try:
-            target.append(re.compile(raw))
-        except re.error as e:
-            raise SelectionError(f"--test {p!r}: invalid regular expression: {e}") from None
+    exclude (a pattern with a leading '!'); an exclude naming a scenario drops only that."""
+    parsed = _parse(patterns)
+    inc = [t for i, t, _ in parsed if i]
+    exc = [t for i, t, sc in parsed if not i and sc is None]
     return {n for n in names
             if (not inc or any(r.search(n) for r in inc)) and not any(r.search(n) for r in exc)}
+
+
+def scenario_selected(test: str, scenario: str, patterns: tuple[str, ...]) -> bool:
+    parsed = [(i, t, sc) for i, t, sc in _parse(patterns) if sc is not None and t.search(test)]
+    inc = [sc for i, _, sc in parsed if i]
+    if inc and not any(sc.search(scenario) for sc in inc):
+        return False
+    return not any(sc.search(scenario) for i, _, sc in parsed if not i)
 
 
 @dataclass
@@ -138,6 +171,10 @@ class Runner:
             if not await self._setup_flows():
                 return 1
             self.out.line("🏃 Running tests...")
+            # A test whose every scenario --test deselects is skipped like an unselected one.
+            chosen = {t.name for t in tests if t.name in chosen and (
+                not t.scenarios or any(scenario_selected(t.name, n, self.p.tests)
+                                       for n in _scenario_names(t)))}
             selected = [t for t in tests if t.name in chosen]
             for t in tests:
                 run = TestRun(t.name, 0, t.policies)
@@ -207,12 +244,10 @@ class Runner:
 
     def _actions(self, run: TestRun, t: TestDef, env: Environment) -> list[tuple[str, list[Action]]]:
         out: list[tuple[str, list[Action]]] = []
-        seen: dict[str, int] = {}
-        for sc in t.scenarios:
-            n = seen.get(sc.name, 0)
-            seen[sc.name] = n + 1
-            name = sc.name if n == 0 else f"{sc.name}-{n}"
+        for sc, name in zip(t.scenarios, _scenario_names(t)):
             why = sc.unsupported(env)
+            if why is None and not scenario_selected(t.name, name, self.p.tests):
+                why = "not selected by --test"
             if why:
                 run.scenarios_skipped.append((name, why))
                 continue
