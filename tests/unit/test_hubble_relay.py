@@ -273,3 +273,12 @@ def test_observe_into_a_closed_pipe_exits_quietly(fake_lab):
     assert len(r.stdout.splitlines()) == 1
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+def test_collect_uses_given_sockets(fake_lab):
+    """An installed host's agent socket is not in the lab layout: collect takes a map."""
+    from cilia.hubble.relay import Query, collect
+    name, (n1, n2, n3), agents, _ = fake_lab
+    warns = []
+    got = asyncio.run(collect(name, [n3], Query(), warns.append, {n3: agents[n2].sock}))
+    assert warns == [] and len(got) == 2 and {r["flow"]["source"]["pod_name"] for r in got} == {"c"}

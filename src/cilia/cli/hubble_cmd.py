@@ -57,6 +57,9 @@ def hubble() -> None:
 def enable(ctx: click.Context, ui: bool, port: int, timeout: float) -> None:
     """Start the relay for the lab (and the UI with --ui)."""
     spec = lab_spec(ctx)
+    if hasattr(spec, "agent_socket"):
+        raise CLIError("cilia hubble enable runs a relay for a lab; on an installed host use "
+                       "cilia observe (one node) instead")
     rec, alive = _running(spec.name)
     if alive:
         if rec.get("port") == port and rec.get("ui") == ui:

@@ -149,6 +149,8 @@ def observe(ctx: click.Context, negate: bool, last: int | None, first: int | Non
               until=parse_when("until", until), follow=follow, allow=allow, deny=deny)
     spec = lab_spec(ctx)
     nodes = [node_name(spec, node)] if node else [n.name for n in spec.nodes]
+    # an installed host names its agent's socket; a lab's follow the lab's layout
+    sockets = {n: spec.agent_socket(n) for n in nodes} if hasattr(spec, "agent_socket") else None
     printer = Printer(output, sys.stdout, node_name=print_node_name)
     warnings: list[str] = []
 
@@ -159,12 +161,12 @@ def observe(ctx: click.Context, negate: bool, last: int | None, first: int | Non
     try:
         if follow:
             try:
-                asyncio.run(follow_flows(spec.name, nodes, q, warn, printer.write))
+                asyncio.run(follow_flows(spec.name, nodes, q, warn, printer.write, sockets=sockets))
             except KeyboardInterrupt:
                 pass
             printer.flush()
         else:
-            recs = asyncio.run(collect(spec.name, nodes, q, warn))
+            recs = asyncio.run(collect(spec.name, nodes, q, warn, sockets))
             for r in recs:
                 printer.write(r)
             printer.flush()

@@ -114,9 +114,12 @@ def _clean(rec: dict) -> dict:
     return rec
 
 
-async def fetch_node(lab: str, node: str, q: Query) -> list[dict]:
-    sock = paths.agent_socket(lab, node)
-    return [_stamp(r, node) async for r in _lines(sock, q.params(), READ_TIMEOUT)]
+def _socket(lab: str, node: str, sockets: dict[str, str] | None) -> str:
+    return (sockets or {}).get(node) or paths.agent_socket(lab, node)
+
+
+async def fetch_node(lab: str, node: str, q: Query, sockets: dict[str, str] | None = None) -> list[dict]:
+    return [_stamp(r, node) async for r in _lines(_socket(lab, node, sockets), q.params(), READ_TIMEOUT)]
 
 
 def merge(per_node: list[list[dict]], q: Query) -> list[dict]:
@@ -135,9 +138,10 @@ def merge(per_node: list[list[dict]], q: Query) -> list[dict]:
     return [_clean(r) for r in merged]
 
 
-async def collect(lab: str, nodes: list[str], q: Query,
-                  warn: Callable[[str], None]) -> list[dict]:
-    results = await asyncio.gather(*(fetch_node(lab, n, q) for n in nodes),
+async def collect(lab: str, nodes: list[str], q: Query, warn: Callable[[str], None],
+                  sockets: dict[str, str] | None = None) -> list[dict]:
+    """sockets: node -> agent socket where it is not the lab's (an installed host)."""
+    results = await asyncio.gather(*(fetch_node(lab, n, q, sockets) for n in nodes),
                                    return_exceptions=True)
     got = []
     for n, res in zip(nodes, results):
@@ -174,7 +178,8 @@ class Reorder:
 
 
 async def follow(lab: str, nodes: list[str], q: Query, warn: Callable[[str], None],
-                 emit: Callable[[dict], None], stop: asyncio.Event | None = None) -> None:
+                 emit: Callable[[dict], None], stop: asyncio.Event | None = None,
+                 sockets: dict[str, str] | None = None) -> None:
     """Stream every node's flows merged in time order until all streams end (or stop)."""
     buf = Reorder()
     live = set(nodes)
@@ -182,7 +187,7 @@ async def follow(lab: str, nodes: list[str], q: Query, warn: Callable[[str], Non
     async def one(node: str) -> None:
         try:
             # No read timeout: a quiet node is fine while following.
-            async for rec in _lines(paths.agent_socket(lab, node), q.params(), None):
+            async for rec in _lines(_socket(lab, node, sockets), q.params(), None):
                 if q.local_match(rec):
                     buf.push(_stamp(rec, node))
         except NodeError as e:
