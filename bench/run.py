@@ -11,12 +11,12 @@ import shlex
 import sys
 import time
 
-from bench import crossnode, events, podstart, samenode, services, store_latency
+from bench import crossnode, events, podstart, policy, samenode, services, store_latency
 from bench.common import install_signal_handlers, machine, write_result
 
 BENCHMARKS = {"podstart": podstart, "samenode": samenode, "crossnode": crossnode,
               "store": store_latency, "services": services,
-              "events": events}
+              "events": events, "policy": policy}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                 res = services.run(quick=args.quick, reps=args.reps)
             elif b == "events":
                 res = events.run(quick=args.quick, reps=args.reps, secs=args.seconds)
+            elif b == "policy":
+                res = policy.run(quick=args.quick, reps=args.reps)
             elif b == "crossnode":
                 res = crossnode.run(quick=args.quick, reps=args.reps, secs=args.seconds)
             else:
