@@ -41,6 +41,13 @@ spec:
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: server}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
 metadata: {name: nobackend}
 spec:
   selector: {app: nothing-matches-this}
@@ -180,6 +187,28 @@ def test_service_without_backends_is_a_dropped_flow(lab):
     assert f["destination_service"] == {"name": "nobackend", "namespace": "default"}
     assert f["source"]["pod_name"] == client and f["l4"]["TCP"]["destination_port"] == 80
     assert f["traffic_direction"] == "EGRESS"
+
+
+def test_service_traffic_names_the_service(lab):
+    client, _, server, server_ip = _pods(lab)
+    vip = json.loads(lab.cilia("get", "services", "web", "-o", "json").out)["spec"]["clusterIP"]
+    deadline = time.monotonic() + 30
+    while lab.exec(client, "curl", "-s", "-m", "2", f"http://{vip}:80/", check=False).rc != 0:
+        assert time.monotonic() < deadline, "service web never answered"
+        time.sleep(1)
+
+    def via_service(f):
+        return (dst(f) == server_ip and f.get("destination_service") == {"name": "web", "namespace": "default"}
+                and (f.get("l4") or {}).get("TCP", {}).get("flags") == {"SYN": True})
+    got = wait_flows(lab, via_service)
+    assert got, "no flow naming service web"
+    f = got[-1]["flow"]
+    assert f["original_destination"] == {"ip": vip, "port": 80}
+    assert f["destination"]["pod_name"] == server and f["l4"]["TCP"]["destination_port"] == 8080
+    # The reply comes back from the frontend, after reverse translation: its source is the service.
+    replies = wait_flows(lab, lambda f: src(f) == vip and f.get("is_reply")
+                         and f.get("source_service") == {"name": "web", "namespace": "default"})
+    assert replies, "no reply flow from the frontend"
 
 
 def test_flow_queries_last_first_since_and_status(lab):

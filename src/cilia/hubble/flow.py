@@ -127,14 +127,15 @@ class _Uuids:
     fraction of uuid4()'s cost (one urandom read per flow is most of that)."""
 
     def __init__(self):
-        self._hi = int.from_bytes(os.urandom(8), "big")
-        self._n = int.from_bytes(os.urandom(6), "big")
+        h = int.from_bytes(os.urandom(8), "big")
+        # xxxxxxxx-xxxx-4xxx-8 + 15 hex digits of a counter starting at a random point.
+        self._prefix = f"{h >> 32:08x}-{(h >> 16) & 0xFFFF:04x}-4{h & 0xFFF:03x}-8"
+        self._n = int.from_bytes(os.urandom(7), "big") >> 4
 
     def __call__(self) -> str:
-        self._n = (self._n + 1) & 0xFFFFFFFFFFFF
-        h = self._hi
-        return (f"{h >> 32:08x}-{(h >> 16) & 0xFFFF:04x}-4{h & 0xFFF:03x}-"
-                f"{0x8000 | (self._n >> 36) & 0x3FFF:04x}-{self._n & 0xFFFFFFFFF:012x}")
+        self._n = n = (self._n + 1) & 0xFFFFFFFFFFFFFFF
+        s = f"{n:015x}"
+        return f"{self._prefix}{s[:3]}-{s[3:]}"
 
 
 new_uuid = _Uuids()
@@ -162,13 +163,17 @@ def parse_time_ns(value: str | int | float) -> int:
     return secs * 1_000_000_000 + int((frac or "0").ljust(9, "0"))
 
 
+_FLAG_NAMES = tuple(tuple(n for n, b in _SUMMARY_FLAGS if bits & b) for bits in range(256))
+_TCP_SUMMARY = tuple("TCP Flags: " + ", ".join(names) for names in _FLAG_NAMES)
+
+
 def tcp_flags_dict(bits: int) -> dict:
-    return {name: True for name, b in _SUMMARY_FLAGS if bits & b}
+    return dict.fromkeys(_FLAG_NAMES[bits & 0xFF], True)
 
 
 def summary(ev: E.Event) -> str:
     if ev.ip_proto == 6 and ev.l3:
-        return "TCP Flags: " + ", ".join(n for n, b in _SUMMARY_FLAGS if ev.tcp_flags & b)
+        return _TCP_SUMMARY[ev.tcp_flags & 0xFF]
     if ev.ip_proto == 17:
         return "UDP"
     if ev.ip_proto == 1:
