@@ -80,6 +80,9 @@ class Deployment:
                 self._delete_namespace(cl)
             nodes = self._nodes(cl)
             node, other = nodes[0], (nodes[1] if len(nodes) > 1 and not single_node else None)
+            if other is None:
+                self.log(f"ℹ️  [{self.spec.name}] Single-node environment: no echo-other-node, "
+                         "cross-node scenarios are skipped")
             self.log(f"✨ [{self.spec.name}] Creating namespace {self.namespace} for connectivity check...")
             objs = load_manifests(["-"], stdin=io.StringIO(
                 manifests.workloads(self.namespace, node, other)))
