@@ -17,7 +17,8 @@ from cilia.datapath.lb import LBBackend
 from cilia.datapath.node import EndpointEntry, NodeConfig, find_object
 from cilia.datapath.testrun import TC_ACT_REDIRECT, TC_ACT_SHOT, prog_test_run, skb_ctx
 
-from .test_policy import (A, B, EP, FROM_LXC, FROM_NET, ID, NODE_IP, PODS, REMOTE, REMOTE_ID, ROUTER, SYN,
+from .test_policy import (A, B, EP, FROM_LXC, FROM_NET, FROM_OVL, ID, MAGIC, NODE_IP, PEER_NODE, PODS, REMOTE,
+                          REMOTE_ID, ROUTER, SYN,
                           SYNACK, ACK, PSHACK, TCP, UDP, VIP, WORLD, IN, EG, Node, allow, deny, tcp, udp)
 
 FIN_ACK = 0x11
@@ -32,7 +33,7 @@ class EvNode(Node):
         self.dp = self.mkdp(cfg, obj_dir)
         for name, (ip, mac, node_mac, ep_id, ident) in PODS.items():
             self.dp.upsert_endpoint(EndpointEntry(ip, self.ifindex[name], ep_id, mac, node_mac, sec_id=ident))
-        self.dp.upsert_ipcache(REMOTE, REMOTE_ID)
+        self.dp.upsert_ipcache(REMOTE, REMOTE_ID, PEER_NODE if routing == "tunnel" else None)
         self.run.dp = self.dp
         self.events = E.EventSource(self.dp.pin_dir)
         return self.dp
@@ -210,3 +211,18 @@ def test_ring_full_counts_lost_events(enode):
     # Room again: the next event is delivered, the counter stays.
     enode.send(FROM_LXC, tcp(A, B, 40013, 80, SYN), "a")
     assert len(enode.take()) == 1 and enode.events.lost() == lost
+
+
+def test_overlay_paths_traced(enode, test_build_dir):
+    enode.load("tunnel", obj_dir=test_build_dir)
+    r = enode.send(FROM_LXC, tcp(A, REMOTE, 40020, 80, SYN), "a", cb=())
+    assert r.retval == TC_ACT_REDIRECT and r.cb[3] == MAGIC  # encapsulated
+    (ev,) = enode.take()
+    assert ev.subtype == 4  # TRACE_TO_OVERLAY
+    assert (ev.src_identity, ev.dst_identity, ev.ep_id) == (ID["a"], REMOTE_ID, EP["a"])
+    # Decapsulated delivery into b: the VNI is the source identity.
+    r = enode.send(FROM_OVL, tcp(REMOTE, B, 40021, 80, SYN), cb=(REMOTE_ID, 0, 0, MAGIC))
+    assert r.retval == TC_ACT_REDIRECT
+    (ev,) = enode.take()
+    assert ev.subtype == 0 and (ev.src_identity, ev.dst_identity, ev.ep_id) == (REMOTE_ID, ID["b"], EP["b"])
+    assert ev.ifindex == enode.ifindex["b"]
