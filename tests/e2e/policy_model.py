@@ -23,7 +23,10 @@ WORLD_IP = "198.51.100.100"
 PORTS = (80, 81)
 PROTOCOLS = ("TCP", "UDP")
 PORT_PROTOS = tuple((port, proto) for port in PORTS for proto in PROTOCOLS)
-VIAS = ("pod", "svc")  # through the pod IP, through the pod's ClusterIP
+# Through the pod IP, through the pod's ClusterIP, and (from the world host only) through
+# the pod's NodePort on the pod's own node, which keeps the client address.
+VIAS = ("pod", "svc", "nodeport")
+VIA_NAMES = {"pod": "pod IPs", "svc": "ClusterIPs", "nodeport": "NodePorts (on the backend's node)"}
 
 # Pods alternate over the nodes so every namespace has pods on both and every pair of
 # namespaces is probed within a node and across the tunnel.
@@ -60,9 +63,10 @@ def service_doc(pod: str) -> dict:
     ns, name = pod.split("/")
     ports = [{"name": f"p{port}-{proto.lower()}", "port": port, "targetPort": port,
               "protocol": proto} for port, proto in PORT_PROTOS]
+    # NodePort: the ClusterIP as any Service, plus a way in for the world host.
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": f"s-{name}", "namespace": ns},
-            "spec": {"selector": {"pod": name}, "ports": ports}}
+            "spec": {"type": "NodePort", "selector": {"pod": name}, "ports": ports}}
 
 
 def manifest(docs: Iterable[dict]) -> str:
@@ -192,16 +196,23 @@ class Probe:
 
 
 def probes_for(sources: Iterable[str], targets: Iterable[str]) -> list[Probe]:
-    """Pods are probed through pod IPs and ClusterIPs; nodes and world through their IP."""
+    """Pod to pod through pod IPs and ClusterIPs; a node probes through pod IPs (no
+    socket LB on the nodes, so a node's own traffic to a ClusterIP is not translated);
+    the world host through NodePorts (pod IPs are not routed outside the cluster); pods
+    reach the world host at its address."""
     out = []
     for s in sources:
         for d in targets:
+            if s == WORLD and d == WORLD:
+                continue
+            if s == WORLD:
+                vias: tuple[str, ...] = ("nodeport",)
+            elif "/" in s and "/" in d:
+                vias = ("pod", "svc")
+            else:
+                vias = ("pod",)
             for port, proto in PORT_PROTOS:
-                for via in VIAS:
-                    if via == "svc" and ("/" not in d or "/" not in s):
-                        # No socket LB on the nodes: a node's own traffic to a ClusterIP
-                        # is not translated, so nodes are probed through pod IPs only.
-                        continue
+                for via in vias:
                     out.append(Probe(s, d, port, proto, via))
     return out
 
@@ -242,7 +253,7 @@ def mismatch_report(expected: dict[Probe, bool], observed: dict[Probe, bool],
         for via in VIAS:
             if not any(p.port == port and p.proto == proto and p.via == via for p in bad):
                 continue
-            parts.append(f"\n--- {port}/{proto} through {'pod IPs' if via == 'pod' else 'ClusterIPs'}")
+            parts.append(f"\n--- {port}/{proto} through {VIA_NAMES[via]}")
             srcs = [s for s in sources if any(p.src == s and p.via == via for p in expected)]
             dsts = [t for t in targets if any(p.dst == t and p.via == via for p in expected)]
             parts.append(side_by_side(

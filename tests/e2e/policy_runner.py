@@ -70,8 +70,11 @@ class Matrix:
         self.pod_node = {f"{p['metadata']['namespace']}/{p['metadata']['name']}": p["spec"]["nodeName"]
                          for p in pods}
         svcs = self.cli("get", "services", "-A", "-o", "json").json()["items"]
-        self.cluster_ip = {f"{s['metadata']['namespace']}/{s['metadata']['name'][2:]}": s["spec"]["clusterIP"]
-                           for s in svcs if s["metadata"]["name"].startswith("s-")}
+        ours = {f"{s['metadata']['namespace']}/{s['metadata']['name'][2:]}": s for s in svcs
+                if s["metadata"]["name"].startswith("s-")}
+        self.cluster_ip = {pod: s["spec"]["clusterIP"] for pod, s in ours.items()}
+        self.node_port = {(pod, p["port"], p.get("protocol", "TCP")): p["nodePort"]
+                          for pod, s in ours.items() for p in s["spec"]["ports"]}
         nodes = self.cli("get", "nodes", "-o", "json").json()["items"]
         self.node_ip = {n["metadata"]["name"]: next(a["address"] for a in n["status"]["addresses"]
                                                     if a["type"] == "InternalIP")
@@ -84,7 +87,12 @@ class Matrix:
             return WORLD_IP
         if name in NODES:
             return self.node_ip[name]
+        if via == "nodeport":
+            return self.node_ip[self.pod_node[name]]
         return self.cluster_ip[name] if via == "svc" else self.pod_ip[name]
+
+    def port(self, p: Probe) -> int:
+        return self.node_port[(p.dst, p.port, p.proto)] if p.via == "nodeport" else p.port
 
     def netns(self, name: str) -> str:
         if "/" in name:
@@ -104,7 +112,7 @@ class Matrix:
         netns (prober.py says why one process and not one per source)."""
         spec = {"timeout": timeout, "targets": [
             {"id": p.key, "netns": self.netns(p.src), "ip": self.address(p.dst, p.via),
-             "port": p.port, "proto": p.proto,
+             "port": self.port(p), "proto": p.proto,
              "sport": self._next_sport(p.src) if p.proto == "UDP" else 0} for p in probes]}
         r = subprocess.run([PYTHON, PROBER, "-"], input=json.dumps(spec), capture_output=True,
                            text=True, timeout=timeout + 60)
@@ -138,6 +146,19 @@ class Matrix:
             for m in self.cli("bpf", "metrics", "list", "--node", node, "-o", "json").json():
                 total[(int(m["reason"]), str(m["direction"]).upper(), bool(m.get("audit")))] += int(m["packets"])
         return dict(total)
+
+    def endpoints(self) -> dict[str, str]:
+        """pod -> one line of what its agent realized (for failure reports)."""
+        out = {}
+        for node in NODES:
+            for ep in self.cli("endpoint", "list", "--node", node, "-o", "json").json():
+                st = ep["status"]
+                pol = st.get("policy", {}).get("realized", {})
+                name = st.get("external-identifiers", {}).get("pod-name", "?")
+                out[name] = (f"{name}: endpoint {ep['id']} on {node}, identity {st['identity']['id']}, "
+                             f"policy revision {pol.get('policy-revision')}, ingress "
+                             f"{pol.get('ingress-enforcement')}, egress {pol.get('egress-enforcement')}")
+        return out
 
     # ---- objects ----
 

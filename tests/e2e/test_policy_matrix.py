@@ -58,6 +58,8 @@ class Step:
     settle: float = 0.0
     # Audit mode: the probes policy would have dropped (explain must say AUDIT for them).
     audited: Expect | None = None
+    # More checks once probed: returns what went wrong.
+    check: Callable[[Matrix], list[str]] | None = None
 
 
 @dataclass
@@ -65,7 +67,6 @@ class Case:
     name: str
     steps: list[Step]
     nodes: bool = False   # probe from node1 and node2 as well
-    world: bool = False   # probe the world host as well
     # (reason, direction) drop counters the case's probes must raise; with `drops` or
     # `audit` set (or metrics=True) the policy drop counters are checked against the probes.
     drops: tuple[tuple[int, str], ...] = ()
@@ -108,6 +109,11 @@ def set_config(**kv: str) -> Callable[[Matrix], None]:
         for k, v in kv.items():
             m.config(k.replace("_", "-"), v)
     return run
+
+
+def stored_ports(m: Matrix, ns: str, name: str, want: list[dict]) -> list[str]:
+    got = m.cli("get", "netpol", name, "-n", ns, "-o", "json").json()["spec"]["ingress"][0]["ports"]
+    return [] if got == want else [f"stored NetworkPolicy {ns}/{name} ports {got}, applied {want}"]
 
 
 def ipblock_pods(m: Matrix) -> None:
@@ -171,7 +177,7 @@ CASES = [
                      {"from": [{"ipBlock": {"cidr": "10.244.0.0/16", "except": []}}]})],
          ipblock_expect()),
 
-    Case("np-ipblock-egress-world-except", world=True, steps=[
+    Case("np-ipblock-egress-world-except", steps=[
         Step(Expect().deny(frm="x/*").allow(frm="x/*", to=WORLD),
              apply=[netpol("to-world", "x", {}, types=["Egress"], egress=[
                  {"to": [{"ipBlock": {"cidr": "198.51.100.0/24", "except": ["198.51.100.128/25"]}}]}])],
@@ -179,6 +185,17 @@ CASES = [
         Step(Expect().deny(frm="x/*"),
              apply=[netpol("to-world", "x", {}, types=["Egress"], egress=[
                  {"to": [{"ipBlock": {"cidr": "198.51.100.0/24", "except": ["198.51.100.96/27"]}}]}])],
+             title="except covers the world host"),
+    ]),
+
+    Case("np-ipblock-ingress-world-except", steps=[
+        Step(Expect().deny(to="x/*").allow(frm=WORLD, to="x/*"),
+             apply=[ingress_np("from-world", "x", {}, {"from": [{"ipBlock": {
+                 "cidr": "198.51.100.0/24", "except": ["198.51.100.128/25"]}}]})],
+             title="except misses the world host"),
+        Step(Expect().deny(to="x/*"),
+             apply=[ingress_np("from-world", "x", {}, {"from": [{"ipBlock": {
+                 "cidr": "198.51.100.0/24", "except": ["198.51.100.64/26"]}}]})],
              title="except covers the world host"),
     ]),
 
@@ -206,9 +223,9 @@ CASES = [
 
     # This kernel has no SCTP: the policy is accepted and enforced, and it opens neither
     # TCP nor UDP on the same port.
-    case("np-sctp-opens-no-tcp",
-         [ingress_np("sctp", "x", {}, {"ports": [{"port": 80, "protocol": "SCTP"}]})],
-         Expect().deny(to="x/*")),
+    Case("np-sctp-opens-no-tcp", steps=[
+        Step(Expect().deny(to="x/*"), check=lambda m: stored_ports(m, "x", "sctp", [{"port": 80, "protocol": "SCTP"}]),
+             apply=[ingress_np("sctp", "x", {}, {"ports": [{"port": 80, "protocol": "SCTP"}]})])]),
 
     # Egress only: the ingress section is ignored because policyTypes does not name it.
     case("np-egress-policy-type",
@@ -257,10 +274,11 @@ CASES = [
              {"matchLabels": {"k8s:io.kubernetes.pod.namespace": "z", "pod": "c"}}]}]})],
          Expect().deny(to="x/a").allow(frm=("x/b", "z/c"), to="x/a")),
 
-    case("cnp-to-ports-protocol-any",
+    case("cnp-to-ports-protocol-any-and-end-port",
          [cnp("any-81", "x", {"endpointSelector": {}, "ingress": [
-             {"toPorts": [{"ports": [{"port": "81", "protocol": "ANY"}]}]}]})],
-         Expect().deny(to="x/*").allow(to="x/*", ports=81)),
+             {"toPorts": [{"ports": [{"port": "81", "protocol": "ANY"},
+                                     {"port": "70", "endPort": 80, "protocol": "UDP"}]}]}]})],
+         Expect().deny(to="x/*").allow(to="x/*", ports=81).allow(to="x/*", ports=80, protos="UDP")),
 
     # Deny wins over allows from the same and from other policies.
     case("cnp-ingress-deny-overrides-allow",
@@ -277,11 +295,11 @@ CASES = [
                           "ingress": [{"fromEndpoints": [labels(pod="b")]}]})],
          Expect().deny(to="*/a").allow(frm="*/b", to="*/a")),
 
-    case("cnp-entities-cluster", nodes=True, world=True,
+    case("cnp-entities-cluster", nodes=True,
          policies=[cnp("cluster", "x", {"endpointSelector": {},
                                         "ingress": [{"fromEntities": ["cluster"]}],
                                         "egress": [{"toEntities": ["cluster"]}]})],
-         expect=Expect().deny(frm="x/*", to=WORLD)),
+         expect=Expect().deny(frm="x/*", to=WORLD).deny(frm=WORLD, to="x/*")),
 
     # The local node is host; the other node arrives through the tunnel as remote-node.
     case("cnp-entities-host", nodes=True, drops=((DROP_POLICY, "INGRESS"),),
@@ -293,11 +311,35 @@ CASES = [
          policies=[cnp("remote", "x", {"endpointSelector": {}, "ingress": [{"fromEntities": ["remote-node"]}]})],
          expect=Expect().deny(to="x/*").allow(frm=NODES, to="x/*")),
 
-    case("cnp-entities-world", world=True, drops=((DROP_POLICY, "EGRESS"),),
+    case("cnp-from-entities-world",
+         policies=[cnp("from-world", "x", {"endpointSelector": {}, "ingress": [{"fromEntities": ["world"]}]})],
+         expect=Expect().deny(to="x/*").allow(frm=WORLD, to="x/*")),
+
+    Case("cnp-from-cidr-and-cidrset-except", steps=[
+        Step(Expect().deny(to="x/*").allow(frm=WORLD, to="x/*", ports=81),
+             apply=[cnp("from-cidr", "x", {"endpointSelector": {}, "ingress": [
+                 {"fromCIDR": [f"{WORLD_IP}/32"], "toPorts": [{"ports": [{"port": "81", "protocol": "ANY"}]}]}]})],
+             title="fromCIDR with toPorts"),
+        Step(Expect().deny(to="x/*"),
+             apply=[cnp("from-cidr", "x", {"endpointSelector": {}, "ingress": [
+                 {"fromCIDRSet": [{"cidr": "198.51.100.0/24", "except": [f"{WORLD_IP}/32"]}]}]})],
+             title="fromCIDRSet whose except is the world host"),
+    ]),
+
+    case("cnp-egress-deny-overrides-allow", drops=((DROP_POLICY_DENY, "EGRESS"),),
+         policies=[cnp("no-z", "x", {"endpointSelector": {},
+                                     "egress": [{"toEntities": ["all"]}],
+                                     "egressDeny": [{"toEndpoints": [{"matchLabels": {
+                                         "k8s:io.kubernetes.pod.namespace": "z"}}],
+                                         "toPorts": [{"ports": [{"port": "80", "endPort": 81,
+                                                                 "protocol": "UDP"}]}]}]})],
+         expect=Expect().deny(frm="x/*", to="z/*", protos="UDP")),
+
+    case("cnp-entities-world", drops=((DROP_POLICY, "EGRESS"),),
          policies=[cnp("world", "x", {"endpointSelector": {}, "egress": [{"toEntities": ["world"]}]})],
          expect=Expect().deny(frm="x/*").allow(frm="x/*", to=WORLD)),
 
-    Case("cnp-to-cidr-and-cidrset-except", world=True, steps=[
+    Case("cnp-to-cidr-and-cidrset-except", steps=[
         Step(Expect().deny(frm="x/*").allow(frm="x/*", to=WORLD),
              apply=[cnp("cidr", "x", {"endpointSelector": {}, "egress": [{"toCIDR": [f"{WORLD_IP}/32"]}]})]),
         Step(Expect().deny(frm="x/*"),
@@ -328,7 +370,7 @@ CASES = [
     ], cleanup=set_config(policy_audit_mode="false")),
 
     # Everything needs an allow, in both directions; the node still reaches its own pods
-    # (Cilium's allow-localhost).
+    # (Cilium's allow-localhost) and, not being an endpoint, the world.
     Case("enforcement-always", nodes=True, steps=[
         Step(deny_all().allow(frm="node1", to=on("node1")).allow(frm="node2", to=on("node2")),
              before=set_config(enable_policy="always")),
@@ -365,7 +407,7 @@ def matrix(lab_factory):
     try:
         m = Matrix(lab)
         # Services and the world listener are ready once the no-policy matrix is all green.
-        probes = probes_for(PODS, [*PODS, WORLD])
+        probes = probes_for([*PODS, WORLD], [*PODS, WORLD])
         wait_until(lambda: all(v == "ok" for v in m.probe(probes).values()), 60,
                    "the model to be fully reachable without policy")
         print(f"\nmodel ready in {time.monotonic() - t0:.1f}s (lab {lab.name})")
@@ -377,12 +419,12 @@ def matrix(lab_factory):
 
 def run_step(m: Matrix, c: Case, step: Step) -> list[str]:
     """Probe, compare, explain, count drops; returns what went wrong (empty: all good)."""
-    sources = [*PODS, *(NODES if c.nodes else ())]
-    targets = [*PODS, *((WORLD,) if c.world else ())]
+    sources = [*PODS, *(NODES if c.nodes else ()), WORLD]
+    targets = [*PODS, WORLD]
     probes = probes_for(sources, targets)
     expected = {p: step.expect(p.src, p.dst, p.port, p.proto, p.via) for p in probes}
     # A pod's own IP never leaves the pod, so the datapath has no say there.
-    pairs = [p for p in probes if p.via == "pod" and p.src != p.dst]
+    pairs = [p for p in probes if p.via in ("pod", "nodeport") and p.src != p.dst]
     before = m.metrics() if c.checks_drops else None
     # explain runs beside the probes, except after label changes, which it must see.
     explained = m.pool.submit(m.explain, pairs) if not step.settle else None
@@ -413,7 +455,12 @@ def run_step(m: Matrix, c: Case, step: Step) -> list[str]:
     problems = []
     report = mismatch_report(expected, observed, details)
     if report:
-        problems.append(f"reachability: {report}")
+        involved = {q for p in probes if expected[p] != observed[p] for q in (p.src, p.dst)}
+        eps = m.endpoints()
+        agent = {k: v for k, v in m.cli("policy", "get", "-o", "json").json().items() if k != "items"}
+        problems.append(f"reachability: {report}\nendpoints involved:\n  "
+                        + "\n  ".join(eps[q] for q in sorted(involved) if q in eps)
+                        + f"\npolicy get (node1): {agent}")
     answers = explained.result() if explained else m.explain(pairs)
     problems += explain_problems(step, pairs, observed, answers)
     if before is not None:
@@ -474,8 +521,10 @@ def test_policy_case(matrix: Matrix, c: Case):
                 matrix.apply(manifest(step.apply))
                 applied.update({_key(p): p for p in step.apply})
             t1 = time.monotonic()
-            problems += [f"[{c.name}{' / ' + step.title if step.title else ''}] {p}"
-                         for p in run_step(matrix, c, step)]
+            found = run_step(matrix, c, step)
+            if step.check:
+                found += step.check(matrix)
+            problems += [f"[{c.name}{' / ' + step.title if step.title else ''}] {p}" for p in found]
             st = matrix.stats
             print(f"\n{c.name} {step.title}: apply {t1 - t0:.1f}s, {st['probes']} probes "
                   f"{st['probe_s']:.1f}s (first round {st['first']:.1f}s, {st['retried']} retried, "
@@ -492,3 +541,17 @@ def test_policy_case(matrix: Matrix, c: Case):
 def _key(obj: dict) -> tuple:
     md = obj["metadata"]
     return (obj["kind"], md.get("namespace"), md["name"])
+
+
+@pytest.mark.parametrize("rule", [
+    {"toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}], "rules": {"http": [{"method": "GET"}]}}]},
+    {"toFQDNs": [{"matchName": "example.com"}]},
+], ids=["http", "fqdn"])
+def test_l7_rules_are_refused_and_nothing_is_applied(matrix: Matrix, rule: dict):
+    good = ingress_np("l7-good", "x", {}, {"from": [{"podSelector": {}}]})
+    bad = cnp("l7", "x", {"endpointSelector": {}, "egress": [rule]})
+    r = matrix.cli("apply", "-f", "-", input=manifest([good, bad]), check=False)
+    assert r.rc != 0 and "not supported yet" in r.err and len(r.err.strip().splitlines()) == 1, r
+    assert "spec.egress[0]" in r.err, r.err
+    for kind in ("netpol", "cnp"):
+        assert matrix.cli("get", kind, "-n", "x", "-o", "json").json()["items"] == []
