@@ -120,6 +120,7 @@ static __always_inline int handle_ipv4_from_lxc(struct __sk_buff *skb)
 		return send_drop(skb, ret, METRIC_EGRESS);
 	ti.ct_state = pp.trace_ct;
 	ti.tcp_flags = pp.tcp_flags;
+	ti.first = pp.first_reply;
 	if (src) {
 		ti.src_identity = EP_IDENTITY(src);
 		ti.ep_id = src->ep_id;

@@ -302,6 +302,7 @@ _Static_assert(sizeof(struct cilia_policy_value) == 8, "cilia_policy_value ABI")
  * DNAT, before any reverse translation. Packets with that tuple, or its reverse, skip
  * the policy lookups. */
 #define PCT_F_AUDIT 0x1      /* let through only because an endpoint was in audit mode */
+#define PCT_F_REPLIED 0x2    /* a reply was seen: events report only the first one */
 
 struct ct4_policy_entry {
 	__u32 created;       /* seconds of CLOCK_MONOTONIC */

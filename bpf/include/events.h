@@ -4,8 +4,9 @@
  * Cost: nothing at all for packets that report nothing (the decision is a few compares on
  * what the program already parsed); a reported packet costs one ring reserve, one header
  * fill and one bpf_skb_load_bytes of its first CILIA_EVENT_CAP bytes. Aggregation follows
- * Cilium's monitorAggregation=medium: traces for a new connection, for TCP packets with
- * SYN, FIN or RST (flag changes and closing) and nothing else; drops always; policy
+ * Cilium's monitorAggregation=medium: traces for a new connection, its first reply (one
+ * flag store in the policy conntrack entry, PCT_F_REPLIED), TCP packets with SYN, FIN or
+ * RST (flag changes and closing) and nothing else; drops always; policy
  * verdicts when an enforced policy judges a new connection. CONFIG_F_EVENTS_PER_PACKET
  * traces every packet instead, CONFIG_F_EVENTS_OFF emits nothing.
  *
@@ -173,13 +174,14 @@ struct event_trace_info {
 	__u16 ep_id;
 	__u8  ct_state;
 	__u8  tcp_flags;
+	bool  first;         /* report regardless of aggregation (a connection's first reply) */
 };
 
 static __always_inline void event_trace(struct __sk_buff *skb, __u8 obs, const struct event_trace_info *ti)
 {
 	struct cilia_event *e;
 
-	if (!event_trace_wanted(ti->ct_state, ti->tcp_flags))
+	if (!ti->first && !event_trace_wanted(ti->ct_state, ti->tcp_flags))
 		return;
 	e = event_reserve(skb, CILIA_EVENT_TRACE, obs);
 	if (!e)

@@ -81,6 +81,7 @@ struct policy_pkt {
 	bool  icmp_error;
 	__u8  tcp_flags;       /* TCP header byte 13, 0 for other protocols */
 	__u8  trace_ct;        /* ct as classified (commit turns NEW into ESTABLISHED): events */
+	bool  first_reply;     /* the connection's first reply: reported like a new connection */
 };
 
 static __always_inline __u32 policy_now(void)
@@ -231,6 +232,7 @@ static __always_inline void policy_ct_classify(struct policy_pkt *pp)
 {
 	__u32 now = policy_now();
 	struct ct4_key rev = {};
+	struct ct4_policy_entry *e;
 
 	pp->ct = POL_CT_NEW;
 	if (pp->icmp_error) {
@@ -247,8 +249,16 @@ static __always_inline void policy_ct_classify(struct policy_pkt *pp)
 		return;
 	}
 	ct4_key_reverse(&pp->tuple, &rev);
-	if (policy_ct_get(&rev, now))
+	e = policy_ct_get(&rev, now);
+	if (e) {
 		pp->ct = POL_CT_REPLY;
+		/* One store per connection, so events can report its first reply (a UDP or ICMP
+		 * answer is otherwise never new). */
+		if (!(e->flags & PCT_F_REPLIED)) {
+			e->flags |= PCT_F_REPLIED;
+			pp->first_reply = true;
+		}
+	}
 }
 
 /* Parses the IPv4 packet at skb and classifies it against the policy conntrack. */
@@ -400,7 +410,7 @@ static __always_inline void policy_trace_to_pod(struct __sk_buff *skb, const str
 	struct event_trace_info ti = {
 		.src_identity = src_identity, .dst_identity = EP_IDENTITY(ep), .ifindex = ep->ifindex,
 		.orig_daddr = orig_daddr, .orig_dport = orig_dport, .ep_id = ep->ep_id,
-		.ct_state = pp->trace_ct, .tcp_flags = pp->tcp_flags,
+		.ct_state = pp->trace_ct, .tcp_flags = pp->tcp_flags, .first = pp->first_reply,
 	};
 
 	event_trace(skb, TRACE_TO_LXC, &ti);

@@ -19,7 +19,7 @@ from cilia.datapath.testrun import TC_ACT_REDIRECT, TC_ACT_SHOT, prog_test_run, 
 
 from .test_policy import (A, B, EP, FROM_LXC, FROM_NET, FROM_OVL, ID, MAGIC, NODE_IP, PEER_NODE, PODS, REMOTE,
                           REMOTE_ID, ROUTER, SYN,
-                          SYNACK, ACK, PSHACK, TCP, UDP, VIP, WORLD, IN, EG, Node, allow, deny, tcp, udp)
+                          SYNACK, ACK, PSHACK, TCP, UDP, VIP, WORLD, IN, EG, Node, allow, deny, icmp, tcp, udp)
 
 FIN_ACK = 0x11
 RST = 0x04
@@ -92,12 +92,18 @@ def test_aggregation_reports_new_flags_and_close_only(enode):
     assert [e.is_reply for e in evs] == [False, True, False, True]
 
 
-def test_udp_aggregated_to_first_packet(enode):
+def test_udp_and_icmp_aggregated_to_first_packet_and_first_reply(enode):
     enode.load()
     for _ in range(3):
         enode.send(FROM_LXC, udp(A, B, 5353, 53), "a")
+        enode.send(FROM_LXC, udp(B, A, 53, 5353), "b")
     evs = enode.take()
-    assert [(e.ip_proto, e.ct_state) for e in evs] == [(UDP, 0)]
+    assert [(e.ip_proto, e.src_ip, e.ct_state) for e in evs] == [(UDP, A, 0), (UDP, B, 2)]
+    for _ in range(2):
+        enode.send(FROM_LXC, icmp(A, B, 8, ident=0x77), "a")
+        enode.send(FROM_LXC, icmp(B, A, 0, ident=0x77), "b")
+    evs = enode.take()
+    assert [(e.icmp_type, e.is_reply) for e in evs] == [(8, False), (0, True)]
 
 
 def test_per_packet_config_traces_every_packet(enode):

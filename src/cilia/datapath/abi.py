@@ -64,6 +64,7 @@ POLICY_FULL_PREFIX = 80   # + all 16 bits of dport: what the datapath looks up
 POLICY_F_ALLOW = 0x1
 POLICY_F_DENY = 0x2
 PCT_F_AUDIT = 0x1         # ct4_policy_entry.flags
+PCT_F_REPLIED = 0x2       # a reply was seen (datapath events report the first one)
 
 
 class cilia_config(Structure):
