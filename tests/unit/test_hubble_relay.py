@@ -105,7 +105,7 @@ def fake_lab(monkeypatch):
     t.start()
     asyncio.run_coroutine_threadsafe(start(), loop).result(10)
     env = {**os.environ, "CILIA_RUN_ROOT": root, "CILIA_LAB": name, "CILIA_OBSERVE_TIMEOUT": "2"}
-    yield name, (n1, n2, n3), agents, env
+
     async def stop():
         for r in runners:
             await r.cleanup()
@@ -113,13 +113,20 @@ def fake_lab(monkeypatch):
         for x in rest:
             x.cancel()
         await asyncio.gather(*rest, return_exceptions=True)
-    asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    t.join(5)
-    loop.close()
-    subprocess.run([CILIA, "lab", "down", "--name", name], env=env, capture_output=True, timeout=60)
-    import shutil
-    shutil.rmtree(root, ignore_errors=True)
+
+    try:
+        yield name, (n1, n2, n3), agents, env
+    finally:
+        import shutil
+        try:
+            asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
+            loop.call_soon_threadsafe(loop.stop)
+            t.join(5)
+            loop.close()
+        finally:
+            # also stops a relay a test left running (it is recorded in the lab's run dir)
+            subprocess.run([CILIA, "lab", "down", "--name", name], env=env, capture_output=True, timeout=60)
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def cilia(env, *args, timeout=30):
