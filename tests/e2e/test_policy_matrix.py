@@ -372,10 +372,11 @@ CASES = [
     # Everything needs an allow, in both directions; the node still reaches its own pods
     # (Cilium's allow-localhost) and, not being an endpoint, the world.
     Case("enforcement-always", nodes=True, steps=[
-        Step(deny_all().allow(frm="node1", to=on("node1")).allow(frm="node2", to=on("node2")),
+        Step(deny_all().allow(frm="node1", to=on("node1")).allow(frm="node2", to=on("node2"))
+                       .allow(frm=NODES, to=WORLD),
              before=set_config(enable_policy="always")),
         Step(deny_all().allow(frm="node1", to=on("node1")).allow(frm="node2", to=on("node2"))
-                       .allow(frm="x/*", to="x/*"),
+                       .allow(frm=NODES, to=WORLD).allow(frm="x/*", to="x/*"),
              apply=[cnp("x-inside", "x", {"endpointSelector": {},
                                           "ingress": [{"fromEndpoints": [{}]}],
                                           "egress": [{"toEndpoints": [{}]}]})],
