@@ -23,6 +23,8 @@ WORLD_IP = "198.51.100.100"
 PORTS = (80, 81)
 PROTOCOLS = ("TCP", "UDP")
 PORT_PROTOS = tuple((port, proto) for port in PORTS for proto in PROTOCOLS)
+# ICMP probes are echo requests; their "port" is the ICMP type, as `policy explain` takes it.
+ICMP_ECHO = (8, "ICMP")
 # Through the pod IP, through the pod's ClusterIP, and (from the world host only) through
 # the pod's NodePort on the pod's own node, which keeps the client address.
 VIAS = ("pod", "svc", "nodeport")
@@ -129,13 +131,14 @@ class _Rule:
     value: bool
     frm: Patterns
     to: Patterns
-    ports: tuple[int, ...]
-    protos: tuple[str, ...]
+    ports: tuple[int, ...] | None   # None: every port
+    protos: tuple[str, ...] | None  # None: every protocol
     via: tuple[str, ...]
 
     def covers(self, src: str, dst: str, port: int, proto: str, via: str) -> bool:
-        return (_match(src, self.frm) and _match(dst, self.to) and port in self.ports
-                and proto in self.protos and via in self.via)
+        return (_match(src, self.frm) and _match(dst, self.to)
+                and (self.ports is None or port in self.ports)
+                and (self.protos is None or proto in self.protos) and via in self.via)
 
 
 @dataclass
@@ -152,8 +155,8 @@ class Expect:
     rules: list[_Rule] = field(default_factory=list)
 
     def _add(self, value: bool, frm: Patterns, to: Patterns, ports, protos, via) -> "Expect":
-        ports = tuple(PORTS if ports is None else ([ports] if isinstance(ports, int) else ports))
-        protos = tuple(PROTOCOLS if protos is None else ([protos] if isinstance(protos, str) else protos))
+        ports = None if ports is None else tuple([ports] if isinstance(ports, int) else ports)
+        protos = None if protos is None else tuple([protos] if isinstance(protos, str) else protos)
         via = tuple(VIAS if via is None else ([via] if isinstance(via, str) else via))
         self.rules.append(_Rule(value, frm, to, ports, protos, via))
         return self
@@ -193,6 +196,12 @@ class Probe:
     @property
     def key(self) -> str:
         return f"{self.src}>{self.dst}:{self.port}/{self.proto}@{self.via}"
+
+
+def icmp_probes(sources: Iterable[str], targets: Iterable[str]) -> list[Probe]:
+    """Echo requests pod to pod through pod IPs (a ClusterIP balances no ICMP)."""
+    return [Probe(s, d, *ICMP_ECHO, "pod") for s in sources for d in targets
+            if "/" in s and "/" in d]
 
 
 def probes_for(sources: Iterable[str], targets: Iterable[str]) -> list[Probe]:
@@ -249,7 +258,7 @@ def mismatch_report(expected: dict[Probe, bool], observed: dict[Probe, bool],
     sources = sorted({p.src for p in expected}, key=_order)
     targets = sorted({p.dst for p in expected}, key=_order)
     parts = [f"{len(bad)} of {len(expected)} probes differ from the expectation"]
-    for port, proto in PORT_PROTOS:
+    for port, proto in sorted({(p.port, p.proto) for p in expected}, key=lambda pp: (pp[1] == "ICMP", pp)):
         for via in VIAS:
             if not any(p.port == port and p.proto == proto and p.via == via for p in bad):
                 continue

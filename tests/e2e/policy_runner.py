@@ -24,7 +24,8 @@ from tests.e2e.policy_model import NODES, PODS, WORLD, WORLD_IP, Probe
 
 PROBER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prober.py")
 PYTHON = sys.executable
-# UDP probes bind their own source port, a fresh one per probe and source (see prober.py).
+# UDP probes bind their own source port and ICMP probes use it as echo id, a fresh one
+# per probe and source (see prober.py).
 SPORT_FIRST, SPORT_LAST = 10000, 32000
 
 
@@ -113,7 +114,7 @@ class Matrix:
         spec = {"timeout": timeout, "targets": [
             {"id": p.key, "netns": self.netns(p.src), "ip": self.address(p.dst, p.via),
              "port": self.port(p), "proto": p.proto,
-             "sport": self._next_sport(p.src) if p.proto == "UDP" else 0} for p in probes]}
+             "sport": self._next_sport(p.src) if p.proto != "TCP" else 0} for p in probes]}
         r = subprocess.run([PYTHON, PROBER, "-"], input=json.dumps(spec), capture_output=True,
                            text=True, timeout=timeout + 60)
         assert r.returncode == 0, f"prober exited {r.returncode}: {r.stderr.strip()[-800:]}"

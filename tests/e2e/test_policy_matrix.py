@@ -25,7 +25,7 @@ import pytest
 
 from tests.e2e.conftest import Lab
 from tests.e2e.policy_model import (NODES, PLACEMENT, PODS, WORLD, WORLD_IP, Expect, Probe,
-                                    ccnp, cnp, deny_all, expr, labels, manifest,
+                                    ccnp, cnp, deny_all, expr, icmp_probes, labels, manifest,
                                     mismatch_report, model_manifest, namespace_doc, netpol,
                                     pod_doc, probes_for)
 from tests.e2e.policy_runner import PYTHON, Matrix, wait_until
@@ -67,6 +67,7 @@ class Case:
     name: str
     steps: list[Step]
     nodes: bool = False   # probe from node1 and node2 as well
+    icmp: bool = False    # ICMP echo pod to pod as well
     # (reason, direction) drop counters the case's probes must raise; with `drops` or
     # `audit` set (or metrics=True) the policy drop counters are checked against the probes.
     drops: tuple[tuple[int, str], ...] = ()
@@ -130,11 +131,11 @@ def ipblock_expect() -> Expect:
 
 
 CASES = [
-    case("default-allow", [], Expect(), metrics=True),
+    case("default-allow", [], Expect(), metrics=True, icmp=True),
 
     case("np-deny-all-ingress-x",
          [ingress_np("deny-all", "x", {})],
-         Expect().deny(to="x/*"), drops=((DROP_POLICY, "INGRESS"),)),
+         Expect().deny(to="x/*"), drops=((DROP_POLICY, "INGRESS"),), icmp=True),
 
     case("np-allow-same-namespace",
          [ingress_np("same-ns", "x", {}, {"from": [{"podSelector": {}}]})],
@@ -201,7 +202,7 @@ CASES = [
 
     case("np-port-number",
          [ingress_np("port-80", "x", {}, {"ports": [{"port": 80, "protocol": "TCP"}]})],
-         Expect().deny(to="x/*").allow(to="x/*", ports=80, protos="TCP")),
+         Expect().deny(to="x/*").allow(to="x/*", ports=80, protos="TCP"), icmp=True),
 
     case("np-port-name",
          [ingress_np("named", "x", {},
@@ -279,6 +280,13 @@ CASES = [
              {"toPorts": [{"ports": [{"port": "81", "protocol": "ANY"},
                                      {"port": "70", "endPort": 80, "protocol": "UDP"}]}]}]})],
          Expect().deny(to="x/*").allow(to="x/*", ports=81).allow(to="x/*", ports=80, protos="UDP")),
+
+    case("cnp-icmps", icmp=True,
+         policies=[cnp("echo", "x", {"endpointSelector": {}, "ingress": [
+             {"icmps": [{"fields": [{"type": 8, "family": "IPv4"}]}]},
+             {"fromEndpoints": [labels(pod="a")], "toPorts": TCP80}]})],
+         expect=Expect().deny(to="x/*").allow(to="x/*", protos="ICMP")
+                        .allow(frm="x/a", to="x/*", ports=80, protos="TCP")),
 
     # Deny wins over allows from the same and from other policies.
     case("cnp-ingress-deny-overrides-allow",
@@ -422,7 +430,7 @@ def run_step(m: Matrix, c: Case, step: Step) -> list[str]:
     """Probe, compare, explain, count drops; returns what went wrong (empty: all good)."""
     sources = [*PODS, *(NODES if c.nodes else ()), WORLD]
     targets = [*PODS, WORLD]
-    probes = probes_for(sources, targets)
+    probes = probes_for(sources, targets) + (icmp_probes(PODS, PODS) if c.icmp else [])
     expected = {p: step.expect(p.src, p.dst, p.port, p.proto, p.via) for p in probes}
     # A pod's own IP never leaves the pod, so the datapath has no say there.
     pairs = [p for p in probes if p.via in ("pod", "nodeport") and p.src != p.dst]
