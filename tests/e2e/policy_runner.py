@@ -161,6 +161,13 @@ class Matrix:
                              f"{pol.get('ingress-enforcement')}, egress {pol.get('egress-enforcement')}")
         return out
 
+    def endpoint_id(self, pod: str) -> tuple[int, str]:
+        node = self.pod_node[pod]
+        for ep in self.cli("endpoint", "list", "--node", node, "-o", "json").json():
+            if ep["status"].get("external-identifiers", {}).get("pod-name") == pod:
+                return int(ep["id"]), node
+        raise AssertionError(f"no endpoint for {pod} on {node}")
+
     # ---- objects ----
 
     def apply(self, manifest: str, wait: bool = True) -> int | None:

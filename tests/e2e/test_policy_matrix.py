@@ -117,6 +117,13 @@ def stored_ports(m: Matrix, ns: str, name: str, want: list[dict]) -> list[str]:
     return [] if got == want else [f"stored NetworkPolicy {ns}/{name} ports {got}, applied {want}"]
 
 
+def endpoint_audit(pod: str, value: str) -> Callable[[Matrix], None]:
+    def run(m: Matrix) -> None:
+        ep, node = m.endpoint_id(pod)
+        m.cli("endpoint", "config", str(ep), f"PolicyAuditMode={value}", "--node", node)
+    return run
+
+
 def ipblock_pods(m: Matrix) -> None:
     """Fills the ipBlock case's policy with live pod IPs (known only once the lab runs)."""
     pol = CASES_BY_NAME["np-ipblock-pod-cidr-except"].steps[0].apply[0]
@@ -377,6 +384,13 @@ CASES = [
                     netpol("no-egress", "y", {}, types=["Egress"])]),
     ], cleanup=set_config(policy_audit_mode="false")),
 
+    # Per endpoint: only x/a's drops turn into audits.
+    Case("endpoint-audit-mode", audit=True, steps=[
+        Step(Expect().deny(to=("x/b", "x/c")), audited=deny_all().allow(to="x/a"),
+             before=endpoint_audit("x/a", "Enabled"),
+             apply=[ingress_np("deny-all", "x", {})]),
+    ], cleanup=endpoint_audit("x/a", "Disabled")),
+
     # Everything needs an allow, in both directions; the node still reaches its own pods
     # (Cilium's allow-localhost) and, not being an endpoint, the world.
     Case("enforcement-always", nodes=True, steps=[
@@ -500,10 +514,9 @@ def drop_problems(c: Case, before: dict, after: dict, details: dict[Probe, str])
     timed_out = [p for p, d in details.items() if d == "timeout" and p.src != p.dst]
     shown = {f"{r}/{d}{'/audit' if a else ''}": v for (r, d, a), v in sorted(delta.items()) if r}
     out = []
-    if c.audit:
-        if dropped or not audited:
-            out.append(f"audit mode: {dropped} policy drops, {audited} audited packets: {shown}")
-    elif timed_out and not dropped:
+    if c.audit and not audited:
+        out.append(f"audit mode, yet no audited packet was counted: {shown}")
+    if timed_out and not dropped:
         out.append(f"{len(timed_out)} probes timed out but no policy drop was counted: {shown}")
     elif not timed_out and dropped:
         out.append(f"nothing timed out, yet {dropped} policy drops were counted: {shown}")
