@@ -28,6 +28,7 @@ scanning its entries.
 from __future__ import annotations
 
 import dataclasses
+import gc
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -149,6 +150,12 @@ class PolicyEngine:
         self._patches: dict[int, set[int]] = {}
         # Policies flattened in order, subjects deduplicated (rebuilt after a policy change).
         self._flat: tuple | None = None
+        # Per policy, the CIDR prefixes it names; the union the CIDR identities reflect.
+        self._prefixes: dict[tuple[str, str, str], set[str]] = {}
+        self._synced_prefixes: set[str] = set()
+        # Endpoint labels, parsed once, and (key, value) -> endpoints carrying that label.
+        self._ep_labels: dict[int, LabelIndex] = {}
+        self._ep_by_label: dict[tuple[str, str], set[int]] = {}
         # Live only inside regenerate(): endpoints selected by the same rules share one
         # map-state computation (inputs cannot change during the call).
         self._memo: dict | None = None
@@ -175,6 +182,7 @@ class PolicyEngine:
         key = new.key if new is not None else key
         old = self._policies.pop(key, None)
         self._flat = None
+        self._prefixes.pop(key, None)
         old_selectors = self._selector_refs.pop(key, [])
         self.revision += 1
         update = Update(self.revision)
@@ -200,6 +208,9 @@ class PolicyEngine:
                 self._next_cookie += 1
             new = dataclasses.replace(new, rules=tuple(rules))
             self._policies[key] = new
+            prefixes = policy_prefixes([new])
+            if prefixes:
+                self._prefixes[key] = prefixes
             update.subjects |= new.subjects
         for sel in old_selectors:
             self.cache.remove_selector(sel)
@@ -209,8 +220,12 @@ class PolicyEngine:
         return update
 
     def _sync_cidr(self, update: Update) -> set[int]:
+        wanted = set().union(*self._prefixes.values())
+        if wanted == self._synced_prefixes:
+            return set()  # most policy changes name no new prefix: nothing to reallocate
+        self._synced_prefixes = wanted
         before = self.cidr.identities()
-        added, removed = self.cidr.update(policy_prefixes(self._policies.values()))
+        added, removed = self.cidr.update(wanted)
         for ident in added:
             update.changed_selectors |= self.cache.add_identity(ident)
         for ident in removed:
@@ -267,11 +282,29 @@ class PolicyEngine:
     # ---- endpoints ----
 
     def upsert_endpoint(self, ep: Endpoint) -> None:
+        self._unindex_endpoint(ep.ep_id)
         self._endpoints[ep.ep_id] = ep
+        idx = self._ep_labels[ep.ep_id] = LabelIndex(ep.labels)
+        for key, pairs in idx.by_key.items():
+            for _, value in pairs:
+                self._ep_by_label.setdefault((key, value), set()).add(ep.ep_id)
         self._dirty.add(ep.ep_id)
         self.set_named_ports(f"endpoint/{ep.ep_id}", ep.named_ports)
 
+    def _unindex_endpoint(self, ep_id: int) -> None:
+        idx = self._ep_labels.pop(ep_id, None)
+        if idx is None:
+            return
+        for key, pairs in idx.by_key.items():
+            for _, value in pairs:
+                eps = self._ep_by_label.get((key, value))
+                if eps is not None:
+                    eps.discard(ep_id)
+                    if not eps:
+                        del self._ep_by_label[(key, value)]
+
     def remove_endpoint(self, ep_id: int) -> EndpointPolicy | None:
+        self._unindex_endpoint(ep_id)
         self._endpoints.pop(ep_id, None)
         self._dirty.discard(ep_id)
         self._patches.pop(ep_id, None)
@@ -297,6 +330,11 @@ class PolicyEngine:
         """
         out: dict[int, EndpointUpdate] = {}
         self._memo = {}
+        # A full recompute allocates ~1M small tuples that form no cycles; cyclic collections
+        # triggered by their sheer number were half its time. One collection afterwards
+        # (when the interpreter next wants one) scans them once and untracks them.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
         try:
             for ep_id in sorted(self._dirty | set(self._patches)):
                 ep = self._endpoints.get(ep_id)
@@ -312,6 +350,8 @@ class PolicyEngine:
                 out[ep_id] = EndpointUpdate(new, upserts, deletes)
         finally:
             self._memo = None
+            if gc_was_enabled:
+                gc.enable()
         self._dirty.clear()
         self._patches.clear()
         # Untouched endpoints are provably unaffected, so they now reflect this revision too.
@@ -322,10 +362,17 @@ class PolicyEngine:
     def _mark_subjects(self, subjects: set) -> None:
         if not subjects:
             return
-        for ep_id, ep in self._endpoints.items():
-            idx = LabelIndex(ep.labels)
-            if any(s.matches_labels(idx) for s in subjects):
-                self._dirty.add(ep_id)
+        for s in subjects:
+            # A subject with an In requirement can only select endpoints carrying one of
+            # its (key, value) labels: look at those instead of every endpoint.
+            keys = s.index_keys() if isinstance(s, LabelSelector) else ()
+            if keys:
+                candidates = set().union(*(self._ep_by_label.get((k, v), ()) for _, k, v in keys))
+            else:
+                candidates = self._endpoints.keys()
+            for ep_id in candidates:
+                if ep_id not in self._dirty and s.matches_labels(self._ep_labels[ep_id]):
+                    self._dirty.add(ep_id)
 
     def _mark_selectors(self, changed: set, identities: set[int]) -> None:
         if not changed:
