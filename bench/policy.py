@@ -619,6 +619,10 @@ def apply_to_enforced(name: str, runs: int) -> dict:
                     res["probe"].append({"allow": allow, "apply_returned_s": apply_s,
                                          "enforced_s": [g["s"] for g in got],
                                          "probes": [g["probes"] for g in got]})
+                # Control: the CLI and store round trip alone (the same policy again, unchanged).
+                t = time.perf_counter()
+                lb.cilia("apply", "-f", "-", input=lab_policy(True), timeout=120)
+                res.setdefault("unchanged", []).append(time.perf_counter() - t)
                 log(f"lab run {r + 1}/{runs}: apply --wait deny {res['wait'][-2]['s']:.2f} s, "
                     f"allow {res['wait'][-1]['s']:.2f} s; apply -> datapath deny "
                     f"{res['probe'][-2]['enforced_s']}, allow {res['probe'][-1]['enforced_s']} s")
@@ -632,6 +636,7 @@ def apply_to_enforced(name: str, runs: int) -> dict:
         a = [x["apply_returned_s"] for x in res["probe"] if x["allow"] == allow]
         res[f"{kind}_medians"] = {"apply_wait_s": median(w), "apply_to_all_enforced_s": median(p),
                                   "plain_apply_returned_s": median(a)}
+    res["unchanged_apply_median_s"] = median(res.get("unchanged", []))
     return res
 
 
@@ -702,9 +707,11 @@ def render_lab(lb: dict) -> str:
         m = lb[f"{kind}_medians"]
         rows.append([kind, _ms(m["apply_wait_s"]), _ms(m["plain_apply_returned_s"]),
                      _ms(m["apply_to_all_enforced_s"])])
-    return table([f"{lb['nodes']}-node lab, policy change, median of {lb['runs']}",
-                  "`cilia apply --wait` returns", "`cilia apply` returns",
-                  "`cilia apply` → datapath verdict seen by both clients"], rows)
+    return (table([f"{lb['nodes']}-node lab, policy change, median of {lb['runs']}",
+                   "`cilia apply --wait` returns", "`cilia apply` returns",
+                   "`cilia apply` → datapath verdict seen by both clients"], rows)
+            + f"\n\ncontrol: `cilia apply` of the unchanged policy (CLI start + store round "
+              f"trip, nothing to enforce): {_ms(lb['unchanged_apply_median_s'])}")
 
 
 def render(res: dict) -> str:
