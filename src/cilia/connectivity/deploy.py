@@ -19,6 +19,7 @@ from cilia import netns, paths
 from cilia.api.client import AgentClient, AgentUnreachable, APIError
 from cilia.cluster import ApplyError, Cluster, pod_ready
 from cilia.k8s.errors import ManifestError
+from cilia.kvstore import KVStoreError
 from cilia.k8s.loader import load_manifests
 from cilia.lab import state
 from cilia.lab.topology import WORLD_HOST, WORLD_NET, LabSpec
@@ -60,6 +61,20 @@ class Deployment:
 
     def _cluster(self) -> Cluster:
         return Cluster(state.store_url(self.spec.name))
+
+    def _store(self, what: str, fn, attempts: int = 4):
+        """fn(cluster) with a fresh client, retried while the store is unreachable (etcd
+        times out now and then on a loaded 2-CPU machine); every caller is idempotent."""
+        for i in range(attempts):
+            cl = self._cluster()
+            try:
+                return fn(cl)
+            except KVStoreError as e:
+                if i == attempts - 1:
+                    raise DeployError(f"{what}: cluster store unreachable: {e}") from None
+            finally:
+                cl.close()
+            time.sleep(1.0)
 
     def _nodes(self, cl: Cluster) -> list[str]:
         ready = set(cl.ready_nodes())
@@ -243,27 +258,26 @@ class Deployment:
         seconds on a busy 2-CPU machine): store the policies, then wait until every agent
         enforces the store revision. Returns that revision."""
         objs = _load(text)
-        cl = self._cluster()
-        try:
-            # Recorded first, so an interrupt mid-apply still deletes whatever landed.
-            self.applied_policies += [(o["kind"], o["metadata"].get("namespace"),
-                                       o["metadata"]["name"]) for o in objs]
+        # Recorded first, so an interrupt mid-apply still deletes whatever landed.
+        self.applied_policies += [(o["kind"], o["metadata"].get("namespace"),
+                                   o["metadata"]["name"]) for o in objs]
+
+        def apply(cl: Cluster) -> int:
             try:
                 cl.apply(objs)
             except ApplyError as e:
                 raise DeployError(str(e)) from None
-            revision = cl.revision
-        finally:
-            cl.close()
+            return cl.revision
+        revision = await asyncio.to_thread(self._store, "applying policies", apply)
         await self.wait_realized(revision)
         return revision
 
     async def delete_policies(self, text: str) -> int:
         objs = _load(text)
-        cl = self._cluster()
-        try:
-            for o in objs:
-                ref = (o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"])
+        refs = [(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in objs]
+
+        def delete(cl: Cluster) -> int:
+            for ref in refs:
                 try:
                     cl.delete(*ref)
                 except ApplyError as e:
@@ -271,9 +285,8 @@ class Deployment:
                         raise DeployError(str(e)) from None
                 if ref in self.applied_policies:
                     self.applied_policies.remove(ref)
-            revision = cl.revision
-        finally:
-            cl.close()
+            return cl.revision
+        revision = await asyncio.to_thread(self._store, "deleting policies", delete)
         if revision:
             await self.wait_realized(revision)
         return revision
@@ -318,21 +331,32 @@ class Deployment:
             raise DeployError(f"timed out deleting pods {', '.join(f'{a}/{b}' for a, b in left)}")
 
     def cleanup(self) -> list[str]:
-        """Remove everything this run made; returns problems (never raises)."""
+        """Remove everything this run made; returns problems (never raises: each step runs
+        even when an earlier one failed)."""
         problems: list[str] = []
         self.tracker.kill_all()
-        if self.applied_policies:
-            cl = self._cluster()
+        for step in (self._cleanup_policies, self._cleanup_world, self._cleanup_namespace):
             try:
-                for ref in list(self.applied_policies):
-                    try:
-                        cl.delete(*ref)
-                    except ApplyError as e:
-                        if "NotFound" not in str(e):
-                            problems.append(f"deleting {ref[0]} {ref[1]}/{ref[2]}: {e}")
-                    self.applied_policies.remove(ref)
-            finally:
-                cl.close()
+                step(problems)
+            except Exception as e:  # noqa: BLE001 — report and go on with the next step
+                problems.append(f"{step.__name__.strip('_').replace('_', ' ')}: {e}")
+        return problems
+
+    def _cleanup_policies(self, problems: list[str]) -> None:
+        if not self.applied_policies:
+            return
+
+        def delete(cl: Cluster) -> None:
+            for ref in list(self.applied_policies):
+                try:
+                    cl.delete(*ref)
+                except ApplyError as e:
+                    if "NotFound" not in str(e):
+                        problems.append(f"deleting {ref[0]} {ref[1]}/{ref[2]}: {e}")
+                self.applied_policies.remove(ref)
+        self._store("deleting policies", delete)
+
+    def _cleanup_world(self, problems: list[str]) -> None:
         if self.world_proc is not None:
             if self.world_proc.poll() is None:
                 os.killpg(self.world_proc.pid, signal.SIGTERM)
@@ -349,14 +373,16 @@ class Deployment:
             if p.returncode != 0:
                 problems.append(f"removing {WORLD_OTHER_IP} from the world host: {p.stderr.strip()}")
             self.added_world_ip = False
-        if self.namespace_created:
-            cl = self._cluster()
-            try:
-                if cl.get("Namespace", None, self.namespace) is not None:
-                    self._delete_namespace(cl)
-            except (ApplyError, DeployError) as e:
-                problems.append(f"deleting namespace {self.namespace}: {e}")
-            finally:
-                cl.close()
-            self.namespace_created = False
-        return problems
+
+    def _cleanup_namespace(self, problems: list[str]) -> None:
+        if not self.namespace_created:
+            return
+
+        def delete(cl: Cluster) -> None:
+            if cl.get("Namespace", None, self.namespace) is not None:
+                self._delete_namespace(cl)
+        try:
+            self._store(f"deleting namespace {self.namespace}", delete)
+        except (ApplyError, DeployError) as e:
+            problems.append(f"deleting namespace {self.namespace}: {e}")
+        self.namespace_created = False

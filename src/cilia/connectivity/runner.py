@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from cilia import paths
 from cilia.api.client import AgentClient, AgentUnreachable, APIError
+from cilia.kvstore import KVStoreError
 from cilia.lab.topology import LabSpec
 
 from . import flows, manifests, probes, suite
@@ -186,8 +187,9 @@ class Runner:
                 await self._run_test(run, t, env, len(selected), metrics_before)
         except asyncio.CancelledError:
             rc = 130
-        except DeployError as e:
-            self.out.line(f"❌ {e}")
+        except (DeployError, KVStoreError) as e:
+            self.out.line(f"❌ {e}" if isinstance(e, DeployError)
+                          else f"❌ cluster store unreachable: {e}")
             rc = 1
         finally:
             self.out.end_dots()
