@@ -75,7 +75,7 @@ spec:
 class _Node:
     """A throwaway netns with one pod veth and a loaded datapath (per-packet events)."""
 
-    def __init__(self):
+    def __init__(self, flags: int | None = None):
         from cilia.datapath import events as E
         from cilia.datapath.netns import NetnsExecutor
         from cilia.datapath.node import EndpointEntry, NodeConfig, NodeDatapath
@@ -89,17 +89,21 @@ class _Node:
         self.ifindex = json.loads(sh("ip", "-n", self.ns, "-j", "link", "show", "bva").stdout)[0]["ifindex"]
         self.dp = NodeDatapath(self.pins, NodeConfig(node_ip4="192.168.77.10", router_ip4="10.77.0.1",
                                                      pod_cidr4="10.77.0.0/24",
-                                                     flags=E.CONFIG_F_EVENTS_PER_PACKET)).load()
+                                                     flags=E.CONFIG_F_EVENTS_PER_PACKET
+                                                     if flags is None else flags)).load()
         self.dp.upsert_endpoint(EndpointEntry("10.77.0.11", self.ifindex, 11, "0a:00:00:00:00:11",
                                               "ee:00:00:00:00:11", sec_id=4000))
 
-    def produce(self, n: int) -> None:
+    def produce(self, n: int) -> int:
+        """Runs the pod program n times (one event each in per-packet mode); the kernel's
+        mean ns per run."""
         from cilia.datapath.testrun import prog_test_run, skb_ctx
         from tests.datapath.packets import frame4, tcp  # packet builders shared with the tests
         pkt = frame4("10.77.0.11", "198.51.100.9", 6, tcp("10.77.0.11", "198.51.100.9", 40000, 443, b"x",
                                                           flags=0x18))
-        self.ex.run(prog_test_run, self.dp.program_fd("cil_from_container"), pkt, repeat=n,
-                    ctx=skb_ctx(ifindex=self.ifindex))
+        r = self.ex.run(prog_test_run, self.dp.program_fd("cil_from_container"), pkt, repeat=n,
+                        ctx=skb_ctx(ifindex=self.ifindex))
+        return r.duration_ns
 
     def close(self) -> None:
         from cilia.datapath.node import NodeDatapath
@@ -123,6 +127,29 @@ def _hubble(pin_dir: str):
                                      pod_name="client-6b8f9d7c4-q2w3e",
                                      labels=["k8s:app=client", "k8s:io.kubernetes.pod.namespace=default"])})
     return h
+
+
+def kernel_cost(reps: int, n: int = 10000) -> dict:
+    """ns per packet of cil_from_container (pod -> world, established-looking TCP) with
+    events off and with one event per packet (ring drained before each run, so every
+    reserve succeeds): the datapath's price of a reported packet."""
+    from cilia.datapath import events as E
+    nodes = {"off": _Node(E.CONFIG_F_EVENTS_OFF), "per_packet": _Node(E.CONFIG_F_EVENTS_PER_PACKET)}
+    try:
+        srcs = {k: E.EventSource(n_.pins) for k, n_ in nodes.items()}
+        samples: dict = {k: [] for k in nodes}
+        for rep in range(reps):
+            for k in (("off", "per_packet") if rep % 2 == 0 else ("per_packet", "off")):
+                srcs[k].ring.drain()
+                samples[k].append(nodes[k].produce(n))
+        for s_ in srcs.values():
+            s_.close()
+        med = {k: median(v) for k, v in samples.items()}
+        log(f"kernel: off {med['off']} ns/pkt, per packet {med['per_packet']} ns/pkt")
+        return {"samples": samples, "medians": med, "event_ns": med["per_packet"] - med["off"]}
+    finally:
+        for n_ in nodes.values():
+            n_.close()
 
 
 def pipeline(reps: int, batch_events: int = 20000) -> dict:
@@ -281,6 +308,7 @@ def traffic(reps: int, secs: int) -> dict:
 def run(quick: bool = False, reps: int | None = None, secs: int = 5) -> dict:
     reps = reps or (2 if quick else 5)
     res: dict = {"benchmark": "events", "reps": reps, "seconds": secs, "connections": CONNS}
+    res["kernel"] = kernel_cost(max(reps, 5))
     res["pipeline"] = pipeline(reps)
     res["traffic"] = traffic(reps, secs)
     return res
@@ -289,7 +317,11 @@ def run(quick: bool = False, reps: int | None = None, secs: int = 5) -> dict:
 def render(res: dict) -> str:
     p = res["pipeline"]
     c = p["concurrent"]
-    out = [table(["agent flow pipeline (decode + enrich + ring)", "value"], [
+    k = res.get("kernel")
+    out = [table(["agent flow pipeline (decode + enrich + ring)", "value"], ([
+        ["datapath ns/packet, events off (BPF_PROG_TEST_RUN, median)", fmt(k["medians"]["off"], 0)],
+        ["datapath ns/packet, one event per packet", fmt(k["medians"]["per_packet"], 0)],
+    ] if k else []) + [
         ["events/s, draining a full ring (median)", fmt(p["medians"]["events_per_s"], 0)],
         ["CPU ms per 10,000 events (median)", fmt(p["medians"]["cpu_ms_per_10k"], 1)],
         [f"highest produced rate with no loss ({c['seconds']} s at a fixed rate)",
