@@ -2,11 +2,14 @@
 
 Namespaces x, y, z with pods a, b, c (label pod=<name>) spread over both nodes, every pod
 serving TCP and UDP on 80 and 81 (named containerPorts serve-<port>-<proto>) behind its
-own ClusterIP Service. Every case applies its policies (`apply --wait`), probes the full
-9x9 matrix on every port and protocol through pod IPs and through ClusterIPs, compares
-with the expectation written in the case, checks `policy explain` against what the
-datapath did on every pod-IP pair and the policy drop counters, then deletes its
-policies (`delete --wait`).
+own NodePort Service. Every case applies its policies (`apply --wait`) and probes, on every
+port and protocol: the 9x9 pod matrix through pod IPs and through ClusterIPs, every pod to
+the world host (198.51.100.100), the world host to every pod through the NodePort on the
+pod's node (client address kept), and where the case asks, the nodes to every pod and ICMP
+echo pod to pod. It compares with the expectation written in the case (printing expected
+and observed matrices side by side on a mismatch), checks `policy explain --batch` against
+what the datapath did on every pair that crossed it and, where the case asks, the policy
+drop counters of both nodes; then deletes its policies (`delete --wait`).
 
 Besides pod=<name> and the namespace name, namespaces y and z carry team=blue and team=red
 and pods a and b tier=front and tier=back (policy_model.py), for NotIn/DoesNotExist.
@@ -50,7 +53,6 @@ def on(node: str, pattern: str = "*/*") -> tuple[str, ...]:
 class Step:
     expect: Expect
     apply: list[dict] = field(default_factory=list)
-    delete: list[dict] = field(default_factory=list)
     before: Callable[[Matrix], None] | None = None
     title: str = ""
     # Label changes have no revision to wait for: re-probe mismatches until this many
@@ -535,10 +537,6 @@ def test_policy_case(matrix: Matrix, c: Case):
             t0 = time.monotonic()
             if step.before:
                 step.before(matrix)
-            if step.delete:
-                matrix.delete(manifest(step.delete))
-                for p in step.delete:
-                    applied.pop(_key(p), None)
             if step.apply:
                 matrix.apply(manifest(step.apply))
                 applied.update({_key(p): p for p in step.apply})
