@@ -539,14 +539,18 @@ spec:
 """
 
 
-# Probes until the outcome is argv[3] ("ok"/"fail"); prints {"s": seconds from argv[4] (a
-# time.time() taken just before `cilia apply` started) to the verdict, "probes": n}. A
-# connect either completes (allowed) or times out after 0.1 s (dropped): "fail" counts from
-# the start of the first of two consecutive timeouts, so a slow handshake on a busy machine
-# is not mistaken for a drop.
+# Started (and "ready") before the clock starts; reads t0 (time.time() just before `cilia
+# apply` starts) from stdin, then probes every ~50 ms until the outcome is argv[3]
+# ("ok"/"fail") and prints {"s": seconds from t0 to the verdict, "probes": n}. A connect
+# either completes (allowed) or times out after 0.1 s (dropped): "fail" counts from the start
+# of the first of two consecutive timeouts, so a slow handshake on a busy machine is not
+# mistaken for a drop. The pace keeps the probes' own CPU use (and the flow events each
+# connection makes the agents decode) small next to what is measured.
 PROBE_UNTIL = r"""
 import json, socket, sys, time
-host, port, want, t0, limit = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
+host, port, want, limit = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+print("ready", flush=True)
+t0 = float(sys.stdin.readline())
 n, fail_since = 0, None
 while True:
     n += 1
@@ -572,7 +576,7 @@ while True:
     if time.time() - t0 > limit:
         print(json.dumps({"s": None, "probes": n}))
         break
-    time.sleep(0.01)
+    time.sleep(0.05)
 """
 
 
@@ -608,14 +612,21 @@ def apply_to_enforced(name: str, runs: int) -> dict:
                 # Plain apply, the clients probing from before it starts until they see it.
                 for allow in (False, True):
                     want = "ok" if allow else "fail"
-                    t0 = time.time()
                     prs = [subprocess.Popen(in_netns(ns, [sys.executable, "-c", PROBE_UNTIL,
-                                                          web_ip, "8080", want, repr(t0), "60"]),
-                                            stdout=subprocess.PIPE, text=True)
+                                                          web_ip, "8080", want, "60"]),
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            text=True)
                            for ns in clients.values()]
+                    for pr in prs:
+                        if pr.stdout.readline().strip() != "ready":
+                            raise BenchError("probe did not start")
+                    t0 = time.time()
+                    for pr in prs:
+                        pr.stdin.write(f"{t0!r}\n")
+                        pr.stdin.flush()
                     lb.cilia("apply", "-f", "-", input=lab_policy(allow), timeout=120)
                     apply_s = time.time() - t0
-                    got = [json.loads(p.communicate(timeout=90)[0]) for p in prs]
+                    got = [json.loads(pr.communicate(timeout=90)[0]) for pr in prs]
                     res["probe"].append({"allow": allow, "apply_returned_s": apply_s,
                                          "enforced_s": [g["s"] for g in got],
                                          "probes": [g["probes"] for g in got]})
@@ -651,8 +662,8 @@ def run(quick: bool = False, reps: int | None = None, parts: str = "engine,datap
             log("engine: 1000 identities x 500 policies")
             res["engine"] = engine(3 if quick else 5)
         if "dataplane" in chosen:
-            res["data_plane"] = data_plane(name, reps or (2 if quick else 5),
-                                           500 if quick else 2000, 50 if quick else 200)
+            res["data_plane"] = data_plane(name, reps or (2 if quick else 9),
+                                           500 if quick else 3000, 50 if quick else 200)
         if "lab" in chosen:
             try:
                 res["lab"] = apply_to_enforced(f"{name}l", 2 if quick else 5)
