@@ -208,7 +208,9 @@ def pipeline(reps: int, batch_events: int = 20000) -> dict:
                     "achieved_per_s": produced[0] / wall, "cpu_ms_per_10k": cpu / max(got, 1) * 1e7}
             ladder.append(step)
             log(f"rate {rate:>6}/s: produced {produced[0]}, read {got}, lost {step['lost']}")
-            if step["lost"]:
+            # Isolated single losses happen below capacity on this VM (see docs); the ladder
+            # stops at the second rate that loses, so one does not hide the reader's rate.
+            if sum(1 for x in ladder if x["lost"]) >= 2:
                 break
         no_loss = [s for s in ladder if not s["lost"]]
         concurrent = {"ladder": ladder, "seconds": LADDER_SECONDS,
@@ -326,9 +328,9 @@ def render(res: dict) -> str:
         ["CPU ms per 10,000 events (median)", fmt(p["medians"]["cpu_ms_per_10k"], 1)],
         [f"highest produced rate with no loss ({c['seconds']} s at a fixed rate)",
          fmt(c["max_no_loss_per_s"], 0)],
-        ["first rate that lost events: produced / read / lost",
-         next((f"{x['rate']}/s: {x['produced']} / {x['read']} / {x['lost']}" for x in c["ladder"] if x["lost"]),
-              "none")],
+        ["rates that lost events: produced / read / lost",
+         "; ".join(f"{x['rate']}/s: {x['produced']} / {x['read']} / {x['lost']}" for x in c["ladder"] if x["lost"])
+         or "none"],
     ])]
     t = res["traffic"]
     rows = []
