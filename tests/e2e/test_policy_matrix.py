@@ -62,6 +62,9 @@ class Step:
     audited: Expect | None = None
     # More checks once probed: returns what went wrong.
     check: Callable[[Matrix], list[str]] | None = None
+    # (src, dst, port, proto) -> the policies `explain` must name: {"allowed_by": {"Kind
+    # ns/name", ...}} and/or {"denied_by": "Kind ns/name" or None}.
+    provenance: dict[tuple, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,8 +85,8 @@ class Case:
         return self.metrics or self.audit or bool(self.drops)
 
 
-def case(name: str, policies: list[dict], expect: Expect, **kw) -> Case:
-    return Case(name, [Step(expect, apply=policies)], **kw)
+def case(name: str, policies: list[dict], expect: Expect, provenance: dict | None = None, **kw) -> Case:
+    return Case(name, [Step(expect, apply=policies, provenance=provenance or {})], **kw)
 
 
 def ingress_np(name: str, ns: str, pod_selector: dict | None, *rules: dict) -> dict:
@@ -248,10 +251,13 @@ CASES = [
          [netpol("empty", "x", {}, types=["Ingress", "Egress"], ingress=[{}], egress=[{}])],
          Expect()),
 
-    case("np-policies-add-up",
-         [ingress_np("from-y", "x", labels(pod="a"), {"from": [{"namespaceSelector": labels(ns="y")}]}),
-          ingress_np("from-b", "x", labels(pod="a"), {"from": [{"podSelector": labels(pod="b")}]})],
-         Expect().deny(to="x/a").allow(frm=("y/*", "x/b"), to="x/a")),
+    Case("np-policies-add-up", steps=[Step(
+        Expect().deny(to="x/a").allow(frm=("y/*", "x/b"), to="x/a"),
+        apply=[ingress_np("from-y", "x", labels(pod="a"), {"from": [{"namespaceSelector": labels(ns="y")}]}),
+               ingress_np("from-b", "x", labels(pod="a"), {"from": [{"podSelector": labels(pod="b")}]})],
+        provenance={("y/a", "x/a", 80, "TCP"): {"allowed_by": {"NetworkPolicy x/from-y"}, "denied_by": None},
+                    ("x/b", "x/a", 81, "UDP"): {"allowed_by": {"NetworkPolicy x/from-b"}, "denied_by": None},
+                    ("z/a", "x/a", 80, "TCP"): {"allowed_by": set(), "denied_by": None}})]),
 
     Case("np-update-in-place", steps=[
         Step(Expect().deny(to="x/*").allow(frm="y/*", to="x/*"),
@@ -305,7 +311,10 @@ CASES = [
                                      "k8s:io.kubernetes.pod.namespace": "y"}}], "toPorts": TCP80}]}),
           ingress_np("allow-y", "x", {}, {"from": [{"namespaceSelector": labels(ns="y")}]})],
          Expect().deny(frm="y/*", to="x/*", ports=80, protos="TCP"),
-         drops=((DROP_POLICY_DENY, "INGRESS"),)),
+         drops=((DROP_POLICY_DENY, "INGRESS"),),
+         provenance={("y/a", "x/b", 80, "TCP"): {"denied_by": "CiliumNetworkPolicy x/deny-y-80"},
+                     ("y/a", "x/b", 81, "TCP"): {"denied_by": None, "allowed_by": {
+                         "CiliumNetworkPolicy x/deny-y-80", "NetworkPolicy x/allow-y"}}}),
 
     case("ccnp-clusterwide",
          [ccnp("b-to-a", {"endpointSelector": labels(pod="a"),
@@ -350,7 +359,9 @@ CASES = [
                                          "k8s:io.kubernetes.pod.namespace": "z"}}],
                                          "toPorts": [{"ports": [{"port": "80", "endPort": 81,
                                                                  "protocol": "UDP"}]}]}]})],
-         expect=Expect().deny(frm="x/*", to="z/*", protos="UDP")),
+         expect=Expect().deny(frm="x/*", to="z/*", protos="UDP"),
+         provenance={("x/c", "z/b", 81, "UDP"): {"denied_by": "CiliumNetworkPolicy x/no-z"},
+                     ("x/c", "z/b", 81, "TCP"): {"denied_by": None, "allowed_by": {"CiliumNetworkPolicy x/no-z"}}}),
 
     case("cnp-entities-world", drops=((DROP_POLICY, "EGRESS"),),
          policies=[cnp("world", "x", {"endpointSelector": {}, "egress": [{"toEntities": ["world"]}]})],
@@ -502,10 +513,25 @@ def explain_problems(step: Step, pairs: list[Probe], observed: dict[Probe, bool]
         if (verdict in REACHABLE) != observed[p] or (verdict == "AUDIT") != audited:
             wrong.append(f"  {p.key}: datapath {'reached' if observed[p] else 'dropped'}, explain "
                          f"{verdict}{' (audit expected)' if audited else ''}: {answers[p].get('reason')}")
+    by_query = {(p.src, p.dst, p.port, p.proto): answers[p] for p in pairs if p.via == "pod"}
+    for q, want in step.provenance.items():
+        ans = by_query[q]
+        if "allowed_by" in want:
+            got = {_policy_name(a) for a in ans.get("allowed_by") or []}
+            if got != want["allowed_by"]:
+                wrong.append(f"  {q}: explain allowed_by {sorted(got)}, want {sorted(want['allowed_by'])}")
+        if "denied_by" in want:
+            got = _policy_name(ans["denied_by"]) if ans.get("denied_by") else None
+            if got != want["denied_by"]:
+                wrong.append(f"  {q}: explain denied_by {got}, want {want['denied_by']}")
     if not wrong:
         return []
     return [f"policy explain disagrees with the datapath on {len(wrong)} of {len(pairs)} pairs:\n"
             + "\n".join(wrong[:40])]
+
+
+def _policy_name(ref: dict) -> str:
+    return f"{ref['kind']} {ref['namespace'] + '/' if ref.get('namespace') else ''}{ref['name']}"
 
 
 def drop_problems(c: Case, before: dict, after: dict, details: dict[Probe, str]) -> list[str]:
