@@ -337,6 +337,14 @@ CASES = [
          policies=[cnp("remote", "x", {"endpointSelector": {}, "ingress": [{"fromEntities": ["remote-node"]}]})],
          expect=Expect().deny(to="x/*").allow(frm=NODES, to="x/*")),
 
+    # Entities nothing in the lab carries (no health endpoint, init or unmanaged pods):
+    # accepted, and they admit nobody.
+    case("cnp-entities-without-traffic", nodes=True,
+         policies=[cnp("nobody", "x", {"endpointSelector": {}, "ingress": [
+             {"fromEntities": ["health", "init", "unmanaged", "kube-apiserver", "ingress"]}]})],
+         expect=Expect().deny(to="x/*").allow(frm="node1", to=on("node1", "x/*"))
+                        .allow(frm="node2", to=on("node2", "x/*"))),
+
     case("cnp-from-entities-world",
          policies=[cnp("from-world", "x", {"endpointSelector": {}, "ingress": [{"fromEntities": ["world"]}]})],
          expect=Expect().deny(to="x/*").allow(frm=WORLD, to="x/*")),
