@@ -213,8 +213,12 @@ def decode(raw: bytes | memoryview) -> Event:
 _BUSY = 1 << 31
 _DISCARD = 1 << 30
 _HDR = 8
-_U64 = struct.Struct("<Q")
-_U32 = struct.Struct("<I")
+# Native formats on purpose: struct's explicit-endian ("<Q") codecs move one byte at a
+# time, and the kernel reads consumer_pos while we write it. A byte-wise store can be seen
+# half done (e.g. 0x00fffff0 -> 0x01000010 read as 0x00000010) and makes a reservation
+# fail as if the ring were full; native codecs copy the whole aligned word at once.
+_U64 = struct.Struct("Q")
+_U32 = struct.Struct("I")
 
 
 class RingReader:
@@ -234,6 +238,8 @@ class RingReader:
         self._prod = mmap.mmap(fd, page + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
         self._data = memoryview(self._prod)[page:]
         self._prod_view = memoryview(self._prod)
+        # consumer_pos is stored through a C uint64: one aligned 8-byte store.
+        self._cons_pos = ctypes.c_uint64.from_buffer(self._cons, 0)
 
     @classmethod
     def open_pinned(cls, path: str) -> "RingReader":
@@ -267,7 +273,7 @@ class RingReader:
             if not hdr & _DISCARD:
                 out.append(bytes(data[off + _HDR:off + _HDR + n]))
             cons += (n + _HDR + 7) & ~7
-        _U64.pack_into(self._cons, 0, cons)
+        self._cons_pos.value = cons
         return out
 
     def drain(self) -> int:
@@ -275,6 +281,7 @@ class RingReader:
         return len(self.read())
 
     def close(self) -> None:
+        del self._cons_pos  # the ctypes view pins the mmap; drop it before closing
         self._data.release()
         self._prod_view.release()
         self._prod.close()
