@@ -246,6 +246,28 @@ def test_follow_delivers_a_new_flow_within_a_second(lab):
         conn.close()
 
 
+def read_until(proc: subprocess.Popen, pred, timeout: float = 15.0) -> str:
+    """The first output line of proc that satisfies pred (stripped), within timeout. Lines
+    are read by a thread (select on a buffered text pipe could miss buffered lines)."""
+    import queue
+    import threading
+    q = getattr(proc, "_lines", None)
+    if q is None:
+        q = proc._lines = queue.Queue()
+        threading.Thread(target=lambda: [q.put(l) for l in proc.stdout] + [q.put("")], daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, "no matching line in time"
+        try:
+            line = q.get(timeout=left)
+        except queue.Empty:
+            raise AssertionError("no matching line in time") from None
+        assert line, "stream closed"
+        if pred(line):
+            return line.strip()
+
+
 def test_cilia_monitor_prints_drops_in_cilium_format(lab):
     client, _, _, _ = _pods(lab)
     vip = json.loads(lab.cilia("get", "services", "nobackend", "-o", "json").out)["spec"]["clusterIP"]
@@ -254,13 +276,14 @@ def test_cilia_monitor_prints_drops_in_cilium_format(lab):
     jproc = subprocess.Popen([CILIA, "monitor", "-j", "--node", "node1", "-t", "drop"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=lab.env)
     try:
-        assert proc.stdout.readline().startswith("Listening for events on node node1")
+        assert read_until(proc, lambda l: True).startswith("Listening for events on node node1")
         time.sleep(1.0)  # both streams subscribed
         lab.exec(client, "curl", "-s", "-m", "1", f"http://{vip}:80/", check=False)
-        line = proc.stdout.readline().strip()
+        # Other drops may come first (e.g. a pod's IPv6 router solicitation: Unsupported L3).
+        line = read_until(proc, lambda l: f"-> {vip}:80 " in l)
         assert line.startswith("xx drop (Service backend not found) flow 0x0 to endpoint 0, ifindex ")
-        assert f"-> {vip}:80 tcp SYN" in line
-        ev = json.loads(jproc.stdout.readline())
+        assert line.endswith(f"-> {vip}:80 tcp SYN")
+        ev = json.loads(read_until(jproc, lambda l: f'"dst_ip": "{vip}"' in l))
         assert (ev["type"], ev["subtype"], ev["dst_ip"], ev["dst_port"]) == (1, 158, vip, 80)
     finally:
         for p in (proc, jproc):
