@@ -596,3 +596,20 @@ def test_per_packet_cost_printout(node, capsys):
               f"(4 LPM lookups + CT insert) {new_allowed}; new denied (4 LPM lookups + drop) {new_denied}")
     assert metric(dp, DENIED, "EGRESS") == 20000
     assert metric(dp, 0, "EGRESS") == 5 * 20000 + 1
+
+
+def test_apply_diff_writes_only_the_change(node):
+    """The agent writes the engine's diff after the first full sync; the kernel map ends
+    up as a full sync of the new state would leave it."""
+    dp = node.load()
+    ep = EP["b"]
+    dp.sync_policy(ep, [allow(IN, ID["a"], TCP, 80), allow(IN, ID["a"], TCP, 81)])
+    up, dels = dp.apply_policy_diff(ep, {(IN, ID["a"], TCP, 90, 16): (abi.POLICY_F_DENY, 7)},
+                                    [(IN, ID["a"], TCP, 81, 16)])
+    assert (up, dels) == (1, 1)
+    got = {(e["identity"], e["port"], e["verdict"], e["cookie"]) for e in dp.policy_entries(ep)}
+    assert got == {(ID["a"], 80, "allow", 0), (ID["a"], 90, "deny", 7)}
+    with pytest.raises(ValueError):
+        dp.apply_policy_diff(ep, {(IN, ID["a"], TCP, 81, 8): (abi.POLICY_F_ALLOW, 0)}, [])
+    # A later full sync still sees the diff's result as what the map holds.
+    assert dp.sync_policy(ep, [allow(IN, ID["a"], TCP, 80)]) == (0, 1)

@@ -92,6 +92,7 @@ class PolicySync:
         self._busy = 0                       # regenerations/relabels in flight
         self._cidrs: dict[str, int] = {}     # CIDR identities as last given to the ipcache
         self.realized_revision = 0
+        self._synced: set[int] = set()       # endpoints whose map was compared with the kernel
         self.regenerations = 0
         self.last_regeneration_ms = 0.0
         self.errors: dict[str, str] = {}     # policy key -> why the engine refused it
@@ -198,6 +199,7 @@ class PolicySync:
     async def endpoint_removed(self, ep_id: int) -> None:
         self.engine.remove_endpoint(ep_id)
         self.endpoint_audit.pop(ep_id, None)
+        self._synced.discard(ep_id)
         await self.agent.blocking(self.agent.datapath.delete_policy, ep_id)
 
     async def set_endpoint_audit(self, ep_id: int, audit: bool | None) -> None:
@@ -249,16 +251,26 @@ class PolicySync:
                 if ep is None:
                     continue
                 pol = u.policy
-                entries = [PolicyEntry(k.direction, k.identity, k.proto, k.port, k.plen,
-                                       bool(v.flags & DENY), v.cookie)
-                           for k, v in pol.entries.items()]
-                work.append((ep.id, ep.ip4, ep.host_ifindex, entries, pol.ingress.enforced,
+                if ep_id in self._synced:
+                    change = ({tuple(k): tuple(v) for k, v in u.upserts.items()},
+                              [tuple(k) for k in u.deletes])
+                else:
+                    # First write since we started: the pinned map may hold entries of a
+                    # policy deleted while we were away, so compare with the kernel.
+                    change = [PolicyEntry(k.direction, k.identity, k.proto, k.port, k.plen,
+                                          bool(v.flags & DENY), v.cookie)
+                              for k, v in pol.entries.items()]
+                work.append((ep.id, ep.ip4, ep.host_ifindex, change, pol.ingress.enforced,
                              pol.egress.enforced, pol.audit))
 
             def program() -> None:
                 dp = self.agent.datapath
-                for ep_id, ip4, ifindex, entries, ing, egr, audit in work:
-                    dp.sync_policy(ep_id, entries)
+                for ep_id, ip4, ifindex, change, ing, egr, audit in work:
+                    if isinstance(change, tuple):
+                        dp.apply_policy_diff(ep_id, *change)
+                    else:
+                        dp.sync_policy(ep_id, change)
+                        self._synced.add(ep_id)
                     try:
                         dp.set_endpoint_policy_flags(ip4, ifindex, ing, egr, audit)
                     except (KeyError, ValueError) as e:  # endpoint went away meanwhile

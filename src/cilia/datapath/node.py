@@ -509,6 +509,10 @@ class NodeDatapath:
         stays is ever missing. Returns (upserts, deletes)."""
         return self.policy.sync(ep_id, entries)
 
+    def apply_policy_diff(self, ep_id: int, upserts: dict, deletes: list) -> tuple[int, int]:
+        """Write only what changed since the endpoint's last sync (see PolicyTable.apply)."""
+        return self.policy.apply(ep_id, upserts, deletes)
+
     def delete_policy(self, ep_id: int) -> int:
         """Remove every entry of the endpoint; returns how many there were."""
         return self.policy.delete(ep_id)

@@ -154,6 +154,29 @@ class PolicyTable:
             self._state.pop(ep_id, None)
         return len(upserts), len(deletes)
 
+    def apply(self, ep_id: int, upserts: dict[_Key, _Value], deletes: list[_Key]) -> tuple[int, int]:
+        """Write a change computed elsewhere (the engine's diff against what it realized
+        before): keys are (direction, identity, proto, port, prefix_len), values (flags,
+        cookie). Upserts land before deletes, as in sync()."""
+        for key in list(upserts) + list(deletes):
+            if not 0 <= key[4] <= PORT_BITS or key[3] != port_mask(key[3], key[4]):
+                raise ValueError(f"policy key {key}: port not aligned to its prefix")
+        have = self._known().setdefault(ep_id, {})
+        m = self._get(MAP_POLICY)
+        try:
+            m.update_batch([(pack_key(ep_id, k), abi.cilia_policy_value(flags=v[0], rule_cookie=v[1]))
+                            for k, v in upserts.items()])
+            self._delete(m, [pack_key(ep_id, k) for k in deletes if k in have])
+        except BaseException:
+            self._state = None
+            raise
+        have.update(upserts)
+        for k in deletes:
+            have.pop(k, None)
+        if not have:
+            self._state.pop(ep_id, None)
+        return len(upserts), len(deletes)
+
     @staticmethod
     def _delete(m, keys: list) -> None:
         try:
