@@ -252,3 +252,23 @@ def fmt(x: float, digits: int = 1) -> str:
     if x is None or x != x:
         return "-"
     return f"{x:.{digits}f}"
+
+
+def bench_pods(server_node: str = "node1", client_node: str = "node1") -> str:
+    """The two idle pods every request/response benchmark runs its tools in."""
+    return f"""apiVersion: v1
+kind: Pod
+metadata: {{name: srv, labels: {{app: bench, role: server}}}}
+spec:
+  nodeName: {server_node}
+  containers:
+  - {{name: idle, image: busybox}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: cli, labels: {{app: bench, role: client}}}}
+spec:
+  nodeName: {client_node}
+  containers:
+  - {{name: idle, image: busybox}}
+"""

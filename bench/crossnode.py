@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from bench.common import (BenchError, Lab, Procs, fmt, in_netns, lab, log, median, no_interrupts,
+from bench.common import (bench_pods, BenchError, Lab, Procs, fmt, in_netns, lab, log, median, no_interrupts,
                           sh, table, unique_name)
 from bench.samenode import CPU, MSG_SIZE, PRIMARY, TESTS, Pair, Runner, link_info, tc_progs
 
@@ -38,22 +38,7 @@ PATHS = ("cilia", "baseline")
 VNI = 42
 VXLAN_PORT = 4789
 
-PODS = """apiVersion: v1
-kind: Pod
-metadata: {name: srv, labels: {app: bench, role: server}}
-spec:
-  nodeName: node2
-  containers:
-  - {name: idle, image: busybox}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: cli, labels: {app: bench, role: client}}
-spec:
-  nodeName: node1
-  containers:
-  - {name: idle, image: busybox}
-"""
+PODS = bench_pods("node2", "node1")
 
 
 def _routes(ns: str) -> list[str]:

@@ -23,7 +23,7 @@ import threading
 import time
 from types import SimpleNamespace
 
-from bench.common import (BenchError, Procs, fmt, in_netns, lab, log, median, sh, table,
+from bench.common import (bench_pods, BenchError, Procs, fmt, in_netns, lab, log, median, sh, table,
                           unique_name)
 
 MODES = ("disabled", "medium", "none")
@@ -52,22 +52,7 @@ for _ in range(n):
 print(n / (time.perf_counter() - t))
 """
 
-PODS = """apiVersion: v1
-kind: Pod
-metadata: {name: srv, labels: {app: bench, role: server}}
-spec:
-  nodeName: node1
-  containers:
-  - {name: idle, image: busybox}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: cli, labels: {app: bench, role: client}}
-spec:
-  nodeName: node1
-  containers:
-  - {name: idle, image: busybox}
-"""
+PODS = bench_pods()
 
 
 # --- 1. the pipeline ----------------------------------------------------------------------

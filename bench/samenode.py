@@ -21,7 +21,7 @@ import re
 import subprocess
 import time
 
-from bench.common import (ANSI, BenchError, Lab, Procs, fmt, in_netns, lab, log, median,
+from bench.common import (bench_pods, ANSI, BenchError, Lab, Procs, fmt, in_netns, lab, log, median,
                           no_interrupts, sh, table, unique_name)
 
 CPU = 0
@@ -29,22 +29,7 @@ PATHS = ("cilia", "baseline")
 TESTS = ("tcp_rr", "udp_rr", "tcp_stream")
 MSG_SIZE = 64
 
-PODS = """apiVersion: v1
-kind: Pod
-metadata: {name: srv, labels: {app: bench, role: server}}
-spec:
-  nodeName: node1
-  containers:
-  - {name: idle, image: busybox}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: cli, labels: {app: bench, role: client}}
-spec:
-  nodeName: node1
-  containers:
-  - {name: idle, image: busybox}
-"""
+PODS = bench_pods()
 
 
 class Pair:
