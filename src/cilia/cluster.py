@@ -149,7 +149,7 @@ class Cluster:
         for obj in objs:
             kind, md = obj["kind"], obj["metadata"]
             name, ns = md["name"], md.get("namespace")
-            if kind != "Namespace" and ns not in existing_ns and ns not in new_ns:
+            if KINDS[kind].namespaced and ns not in existing_ns and ns not in new_ns:
                 raise ApplyError(f'{kind} {ns}/{name}: metadata.namespace: namespaces "{ns}" not found')
             pl = plural(kind)
             cur = self.get(kind, ns, name)

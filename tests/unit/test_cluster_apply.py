@@ -130,3 +130,33 @@ def test_delete_marks_pods_for_the_node_runtime(cl, tmp_path):
     assert all(p["metadata"].get("deletionTimestamp") for p in cl.list("Pod", "default"))
     with pytest.raises(ApplyError, match="NotFound"):
         cl.delete("Pod", "default", "nope")
+
+
+POLICIES = """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: np}}
+spec: {{podSelector: {{matchLabels: {{app: {app}}}}}}}
+---
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {{name: ccnp}}
+spec:
+  endpointSelector: {{matchLabels: {{app: {app}}}}}
+  ingress: [{{fromEntities: [cluster]}}]
+"""
+
+
+def test_policies_created_unchanged_configured_deleted_with_revisions(cl, tmp_path):
+    changes = cl.apply(objs(tmp_path, POLICIES.format(app="x")))
+    assert [str(c) for c in changes] == ["networkpolicy.networking.k8s.io/np created",
+                                         "ciliumclusterwidenetworkpolicy.cilium.io/ccnp created"]
+    first = cl.revision
+    assert first > 0 and cl.store.get(key("ciliumclusterwidenetworkpolicies", None, "ccnp")) is not None
+    assert [c.action for c in cl.apply(objs(tmp_path, POLICIES.format(app="x")))] == ["unchanged"] * 2
+    assert [c.action for c in cl.apply(objs(tmp_path, POLICIES.format(app="y")))] == ["configured"] * 2
+    assert cl.revision > first
+    cl.delete("CiliumClusterwideNetworkPolicy", None, "ccnp")
+    assert cl.get("CiliumClusterwideNetworkPolicy", None, "ccnp") is None
+    with pytest.raises(ApplyError, match="ciliumclusterwidenetworkpolicies.cilium.io \"ccnp\" not found"):
+        cl.delete("CiliumClusterwideNetworkPolicy", None, "ccnp")
