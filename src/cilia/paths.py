@@ -28,6 +28,12 @@ def pin_dir(cluster: str, node: str) -> str:
     return os.path.join(BPF_ROOT, cluster, node)
 
 
+def relay_file(cluster: str) -> str:
+    """Where `cilia hubble enable` records the relay (pid + start time, port); `cilia lab
+    down` stops what it names."""
+    return os.path.join(cluster_dir(cluster), "hubble-relay.json")
+
+
 def write_atomic(path: str, data: bytes | str) -> None:
     """Readers never see a half-written state file, even if we die mid-write."""
     if isinstance(data, str):

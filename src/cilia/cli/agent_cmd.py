@@ -104,7 +104,7 @@ def cluster_status(ctx) -> dict:
 
 
 def _relay_state(lab: str) -> str:
-    from cilia.hubble.relay import relay_file
+    from cilia.paths import relay_file
     from cilia.lab import state
     from cilia.procs import ProcRef
     rec = state.read_json(relay_file(lab), None)

@@ -15,8 +15,8 @@ import urllib.request
 import click
 
 from cilia import paths
+from cilia.paths import relay_file
 from cilia.cli.context import CLIError, emit_json, lab_spec
-from cilia.hubble.relay import relay_file
 from cilia.lab import state
 from cilia.procs import ProcRef, ref_of, spawn
 

@@ -282,10 +282,7 @@ def namespaces(records) -> list[str]:
 
 # --- the relay process ---------------------------------------------------------------------
 
-def relay_file(lab: str) -> str:
-    """Where `cilia hubble enable` records the relay (pid + start time, port); `cilia lab
-    down` stops what it names."""
-    return os.path.join(paths.cluster_dir(lab), "hubble-relay.json")
+relay_file = paths.relay_file
 
 
 class Relay:
