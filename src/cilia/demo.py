@@ -127,8 +127,8 @@ def main() -> int:
           not curl("frontend", f"http://{vip['database']}:5432/")]
     print("\nWhy was frontend -> database dropped? One command:")
     run("policy", "explain", "--from", "shop/frontend", "--to", "shop/database", "--port", "5432")
-    run("observe", "-n", "shop", "--verdict", "DROPPED", "--last", "3", check=False)
-    run("observe", "-n", "shop", "--to-pod", "shop/database", "--last", "4", check=False)
+    run("observe", "-n", "shop", "--verdict", "DROPPED", "--last", "3")
+    run("observe", "--to-pod", "shop/database", "--last", "4")
     run("endpoint", "list", "--node", "node2")
     print("\nCilium's connectivity test, against this lab:")
     run("connectivity", "test")
