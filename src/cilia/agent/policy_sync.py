@@ -298,9 +298,13 @@ class PolicySync:
                         t.result()  # a dead watcher is a dead agent: raise
                 if not all(w.listed for w in self.watches):
                     continue  # enforcing half a picture could drop allowed traffic
-                if self._relabel:
-                    await self._relabel_endpoints()
-                await self.regenerate()
+                self._busy += 1  # realized() must not answer between here and the maps
+                try:
+                    if self._relabel:
+                        await self._relabel_endpoints()
+                    await self.regenerate()
+                finally:
+                    self._busy -= 1
         finally:
             for t in tasks:
                 t.cancel()
