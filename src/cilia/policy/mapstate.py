@@ -178,18 +178,8 @@ class MapStateBuilder:
                 entries[EntryKey(d, ident, proto, port, plen)] = EntryValue(flags, min(deny) if deny else min(allow))
                 continue
             plens = sorted({plen for _, plen in bucket})
-            for (port, plen), (allow, deny) in bucket.items():
-                allow_all, deny_all = allow, deny
-                for lp in plens:
-                    if lp >= plen:
-                        break
-                    anc = bucket.get((port_mask(port, lp), lp))
-                    if anc is not None:
-                        allow_all = allow_all | anc[0]
-                        deny_all = deny_all | anc[1]
-                flags = (ALLOW if allow_all else 0) | (DENY if deny_all else 0)
-                cookie = min(deny_all) if deny_all else min(allow_all)
-                entries[EntryKey(d, ident, proto, port, plen)] = EntryValue(flags, cookie)
+            for (port, plen), own in bucket.items():
+                entries[EntryKey(d, ident, proto, port, plen)] = _inherit(bucket, plens, port, plen, own)
         if prune:
             index = _BucketIndex(entries, context)
             entries = {k: v for k, v in entries.items() if not index.redundant(k, v)}
@@ -256,6 +246,22 @@ TemplateEntry = tuple[int, int, int, int, "EntryValue | None", tuple[tuple[int, 
 _tuple_new = tuple.__new__
 
 
+def _inherit(bucket, plens, port: int, plen: int, own) -> EntryValue:
+    """An entry's value in LPM terms: its own allow/deny cookies plus those of every wider
+    port prefix of the same bucket (a lookup only returns the most specific prefix), with
+    the cookie of the verdict that decides."""
+    allow_all, deny_all = own
+    for lp in plens:
+        if lp >= plen:
+            break
+        anc = bucket.get((port_mask(port, lp), lp))
+        if anc is not None:
+            allow_all = allow_all | anc[0]
+            deny_all = deny_all | anc[1]
+    flags = (ALLOW if allow_all else 0) | (DENY if deny_all else 0)
+    return EntryValue(flags, min(deny_all) if deny_all else min(allow_all))
+
+
 def fold(contribs: list[Contribution], signature: Iterable[int]) -> tuple[dict, Folded, dict]:
     """-> ({(d, proto, port, plen): EntryValue}, folded buckets, {same key: provenance})."""
     raw: dict[tuple[int, int, int, int], tuple[set[int], set[int]]] = {}
@@ -276,18 +282,9 @@ def fold(contribs: list[Contribution], signature: Iterable[int]) -> tuple[dict, 
     for (d, proto), bucket in buckets.items():
         flags_of: dict[tuple[int, int], int] = {}
         plens = tuple(sorted({plen for _, plen in bucket}))
-        for (port, plen), (allow, deny) in bucket.items():
-            allow_all, deny_all = allow, deny
-            for lp in plens:
-                if lp >= plen:
-                    break
-                anc = bucket.get((port_mask(port, lp), lp))
-                if anc is not None:
-                    allow_all = allow_all | anc[0]
-                    deny_all = deny_all | anc[1]
-            flags = (ALLOW if allow_all else 0) | (DENY if deny_all else 0)
-            flags_of[(port, plen)] = flags
-            values[(d, proto, port, plen)] = EntryValue(flags, min(deny_all) if deny_all else min(allow_all))
+        for (port, plen), own in bucket.items():
+            v = values[(d, proto, port, plen)] = _inherit(bucket, plens, port, plen, own)
+            flags_of[(port, plen)] = v.flags
         folded[(d, proto)] = (flags_of, plens)
     provenance = {k: (tuple(sorted(a)), tuple(sorted(dn))) for k, (a, dn) in raw.items()}
     return values, folded, provenance
